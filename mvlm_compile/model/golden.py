@@ -1,0 +1,153 @@
+"""Golden tensors: the FP32 PyTorch reference on fixed inputs, in Polygraphy's JSON format.
+
+For each component (vision, projector, decoder prefill, one decoder decode step) the
+directory holds `<component>.inputs.json` (a list of feed dicts) and
+`<component>.outputs.json` (Polygraphy RunResults), so that
+`polygraphy run X.onnx --onnxrt --load-inputs IN.json --load-outputs OUT.json` works as is;
+plus generation.json (the prompt's token ids and a greedy generation) and manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from polygraphy.comparator import IterationResult, RunResults
+from polygraphy.json import save_json
+
+from mvlm_compile import __version__, contract
+from mvlm_compile.fileio import atomic_output_dir, sha256_file, write_json
+from mvlm_compile.model.loader import load_checkpoint
+from mvlm_compile.model.preprocess import golden_image, preprocess_image
+from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
+from mvlm_compile.model.tokenizer import load_tokenizer
+
+GOLDEN_QUESTION = "What is in the image? Describe it in detail."
+GOLDEN_NEW_TOKENS = 32
+RUNNER_NAME = "pytorch-reference-fp32"
+
+
+def checkpoint_fingerprint(files: list[Path]) -> str:
+    """sha256 over the names and contents of the files that define the weights."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _save_component(out: Path, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    feed = {k: v.detach().contiguous().numpy() for k, v in inputs.items()}
+    results = {k: v.detach().contiguous().numpy() for k, v in outputs.items()}
+    save_json([feed], str(out / f"{name}.inputs.json"))
+    run_results = RunResults([(RUNNER_NAME, [IterationResult(outputs=results, runner_name=RUNNER_NAME)])])
+    run_results.save(str(out / f"{name}.outputs.json"))
+
+
+def _kv_dict(cache: list[tuple[torch.Tensor, torch.Tensor]], names: Callable[[int], tuple[str, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for layer, (key, value) in enumerate(cache):
+        key_name, value_name = names(layer)
+        out[key_name], out[value_name] = key, value
+    return out
+
+
+@torch.no_grad()
+def write_golden(
+    checkpoint_dir: Path,
+    out: Path,
+    vision_tower: Path | None = None,
+    question: str = GOLDEN_QUESTION,
+    max_new_tokens: int = GOLDEN_NEW_TOKENS,
+) -> dict[str, Any]:
+    """Run the FP32 reference on the fixed inputs and write the golden directory; returns its manifest."""
+    torch.manual_seed(0)  # nothing below draws random numbers; fixed anyway for the record
+    loaded = load_checkpoint(checkpoint_dir, vision_tower, dtype=torch.float32)
+    model, cfg = loaded.model, loaded.config
+    tokenizer = load_tokenizer(checkpoint_dir)
+
+    pixel_values = torch.from_numpy(preprocess_image(golden_image()))
+    image_features = model.encode_images(pixel_values)
+    image_embeds = model.project(image_features)
+
+    prompt = build_prompt(question)
+    input_ids = tokenize_with_image(prompt, lambda text: tokenizer(text).input_ids, tokenizer.bos_token_id)
+    inputs_embeds = model.splice_image(input_ids, image_embeds)
+    seq = inputs_embeds.shape[1]
+    if seq + max_new_tokens > cfg.max_context:
+        raise ValueError(f"prompt of {seq} tokens + {max_new_tokens} new tokens exceeds the context {cfg.max_context}")
+
+    empty_kv = torch.zeros(1, cfg.num_kv_heads, 0, cfg.head_dim)
+    prefill_in = {
+        contract.DECODER_EMBEDS: inputs_embeds,
+        contract.DECODER_MASK: torch.ones(1, seq, dtype=torch.int64),
+        contract.DECODER_POSITIONS: torch.arange(seq, dtype=torch.int64)[None],
+        **_kv_dict([(empty_kv, empty_kv)] * cfg.num_layers, contract.past_names),
+    }
+    logits, present = model.decode(
+        inputs_embeds, prefill_in[contract.DECODER_MASK], prefill_in[contract.DECODER_POSITIONS], []
+    )
+    first_token = int(logits[0, -1].argmax())
+    decode_in = {
+        contract.DECODER_EMBEDS: model.embed_tokens(torch.tensor([[first_token]])),
+        contract.DECODER_MASK: torch.ones(1, seq + 1, dtype=torch.int64),
+        contract.DECODER_POSITIONS: torch.tensor([[seq]], dtype=torch.int64),
+        **_kv_dict(present, contract.past_names),
+    }
+    decode_logits, decode_present = model.decode(
+        decode_in[contract.DECODER_EMBEDS], decode_in[contract.DECODER_MASK], decode_in[contract.DECODER_POSITIONS], present
+    )
+    generated, margins = model.greedy_generate(inputs_embeds, max_new_tokens)
+
+    files = loaded.weight_files
+    manifest = {
+        "kind": "mvlm-compile golden tensors",
+        "mvlm_compile_version": __version__,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "checkpoint": {
+            "path": str(Path(checkpoint_dir)),
+            "fingerprint_sha256": checkpoint_fingerprint([cfg.path, *files]),
+            "vision_weights_from": loaded.vision_source,
+            "synthetic": cfg.raw.get("mvlm_compile_synthetic"),
+        },
+        "precision": "fp32",
+        "seeds": {"torch": 0, "image": "golden_image() (deterministic, no seed)"},
+        "image": "mvlm_compile.model.preprocess.golden_image(): 400x300 RGB, made in code",
+        "question": question,
+        "runner_name": RUNNER_NAME,
+        "components": {
+            name: {"inputs": f"{name}.inputs.json", "outputs": f"{name}.outputs.json"} for name in contract.COMPONENTS
+        },
+        "generation": "generation.json",
+        "prompt_tokens": seq,
+        "greedy_min_top2_margin": min(margins),
+    }
+    with atomic_output_dir(out) as tmp:
+        _save_component(tmp, "vision", {contract.VISION_INPUT: pixel_values}, {contract.VISION_OUTPUT: image_features})
+        _save_component(tmp, "projector", {contract.PROJECTOR_INPUT: image_features}, {contract.PROJECTOR_OUTPUT: image_embeds})
+        _save_component(
+            tmp,
+            "decoder_prefill",
+            prefill_in,
+            {contract.DECODER_LOGITS: logits, **_kv_dict(present, contract.present_names)},
+        )
+        _save_component(
+            tmp,
+            "decoder_decode",
+            decode_in,
+            {contract.DECODER_LOGITS: decode_logits, **_kv_dict(decode_present, contract.present_names)},
+        )
+        write_json(
+            tmp / "generation.json",
+            {"prompt": prompt, "input_ids": input_ids, "max_new_tokens": max_new_tokens, "generated_ids": generated},
+        )
+        write_json(tmp / "manifest.json", manifest)
+    return manifest

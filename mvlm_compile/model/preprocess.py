@@ -1,0 +1,86 @@
+"""MobileVLM V2 image pre-processing, torch-free (the Jetson runtime uses it too).
+
+'pad' aspect ratio: expand to a square filled with the CLIP mean colour, then the CLIP
+image processor: resize the shortest side to 336 (bicubic), centre crop 336x336,
+rescale by 1/255, normalise with CLIP's mean/std. Output float32 [1, 3, 336, 336].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mvlm_compile.errors import MvlmError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SIZE = 336
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The authors' expand2square: paste the image centred on a square of `fill`."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def _resize_shortest_edge(image: Image.Image, size: int) -> Image.Image:
+    # Same arithmetic as transformers' get_resize_output_image_size(default_to_square=False).
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image.resize(new_size, resample=Image.Resampling.BICUBIC)
+
+
+def _center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    height, width = array.shape[:2]
+    top = (height - size) // 2
+    left = (width - size) // 2
+    return array[top : top + size, left : left + size]
+
+
+def preprocess_image(image: Image.Image, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """PIL image -> pixel_values float32 [1, 3, image_size, image_size]."""
+    rgb = image.convert("RGB")
+    fill = tuple(int(m * 255) for m in CLIP_MEAN)
+    square = expand_to_square(rgb, fill)  # type: ignore[arg-type]
+    resized = _resize_shortest_edge(square, image_size)
+    array = _center_crop(np.asarray(resized, dtype=np.float32), image_size) * np.float32(1 / 255)
+    array = (array - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise MvlmError(f"{path}: image file not found") from None
+    except (OSError, ValueError) as e:
+        raise MvlmError(f"{path}: not a readable image ({e})") from None
+
+
+def golden_image() -> Image.Image:
+    """A fixed 400x300 test image made in code: colour gradients, a disc and stripes.
+
+    Non-square so that the 'pad' step matters; deterministic on every platform.
+    """
+    height, width = 300, 400
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    red = 255 * x / (width - 1)
+    green = 255 * y / (height - 1)
+    blue = 127.5 + 127.5 * np.sin(x / 17.0) * np.cos(y / 23.0)
+    disc = (x - 250) ** 2 + (y - 120) ** 2 < 60**2
+    stripes = ((x // 20) % 2 == 0) & (y > 220)
+    rgb = np.stack([red, green, blue], axis=-1)
+    rgb[disc] = (250, 220, 30)
+    rgb[stripes] = (20, 20, 160)
+    return Image.fromarray(np.round(rgb).clip(0, 255).astype(np.uint8), mode="RGB")

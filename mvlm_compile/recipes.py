@@ -1,0 +1,123 @@
+"""Recipes (recipes/*.yaml: architecture, precision per component, defaults) and target
+profiles (recipes/targets/targets.yaml: SM, memory, bandwidth). Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mvlm_compile.errors import MvlmError
+from mvlm_compile.model.config import MobileVLMConfig
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TARGETS_FILE = RECIPES_DIR / "targets" / "targets.yaml"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    architecture: dict[str, Any]
+    precision: dict[str, Any]
+    defaults: dict[str, Any]
+    path: Path
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kind: str  # "jetson" or "x86"
+    sm: int
+    memory_gb: float
+    memory_budget_gb: float
+    bandwidth_gbs: float
+    min_tensorrt: str
+    defaults: dict[str, Any]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MvlmError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise MvlmError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise MvlmError(f"{path}: expected a mapping")
+    return data
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A recipe by name (recipes/<name>.yaml) or by path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise MvlmError(f"unknown recipe {str(name_or_path)!r}; choose one of {recipe_names()} or give a path")
+    data = _read_yaml(path)
+    missing = [k for k in ("name", "architecture", "precision", "defaults") if k not in data]
+    if missing:
+        raise MvlmError(f"{path}: recipe lacks {missing}")
+    return Recipe(data["name"], data["architecture"], data["precision"], data["defaults"], path)
+
+
+def load_targets() -> dict[str, Target]:
+    data = _read_yaml(TARGETS_FILE)
+    return {
+        name: Target(
+            name=name,
+            kind=spec["kind"],
+            sm=int(spec["sm"]),
+            memory_gb=float(spec["memory_gb"]),
+            memory_budget_gb=float(spec["memory_budget_gb"]),
+            bandwidth_gbs=float(spec["bandwidth_gbs"]),
+            min_tensorrt=str(spec["min_tensorrt"]),
+            defaults=dict(spec.get("defaults", {})),
+        )
+        for name, spec in data.items()
+    }
+
+
+def load_target(name: str) -> Target:
+    targets = load_targets()
+    if name not in targets:
+        raise MvlmError(f"unknown target {name!r}; choose one of {sorted(targets)}")
+    return targets[name]
+
+
+def architecture_mismatches(recipe: Recipe, cfg: MobileVLMConfig) -> list[str]:
+    """Differences between the recipe's expected architecture and a checkpoint's config."""
+    found = {
+        "decoder": {k: cfg.text.get(k) for k in recipe.architecture["decoder"]},
+        "vision": {
+            **{k: (cfg.vision or {}).get(k) for k in recipe.architecture["vision"] if k != "select_layer"},
+            "select_layer": cfg.mm_vision_select_layer,
+        },
+    }
+    problems = []
+    for part, values in found.items():
+        for key, value in values.items():
+            expected = recipe.architecture[part][key]
+            if part == "vision" and value is None and key != "select_layer":
+                continue  # tower architecture comes from a separate CLIP directory: checked when loading
+            if value != expected:
+                problems.append(f"{part}.{key} is {value}, recipe {recipe.name} expects {expected}")
+    return problems
+
+
+def recipe_for(cfg: MobileVLMConfig) -> Recipe:
+    """The recipe whose architecture matches the checkpoint."""
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        if not architecture_mismatches(recipe, cfg):
+            return recipe
+    raise MvlmError(
+        f"{cfg.path}: no recipe matches this architecture (hidden {cfg.hidden_size}, {cfg.num_layers} layers); "
+        f"known recipes: {recipe_names()}; pass --recipe PATH"
+    )
