@@ -94,17 +94,51 @@ def golden(checkpoint: Path, vision_tower: Path | None, out: Path, as_json: bool
 
 
 def _print_golden_summary(golden_dir: Path) -> None:
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import load_json
+    from mvlm_compile.contract import COMPONENTS
+    from mvlm_compile.verify.golden_io import load_component
 
     rows = []
-    for component in ("vision", "projector", "decoder_prefill", "decoder_decode"):
-        feed = load_json(str(golden_dir / f"{component}.inputs.json"))[0]
-        outputs = RunResults.load(str(golden_dir / f"{component}.outputs.json"))[0][1][0]
+    for component in COMPONENTS:
+        feed, outputs = load_component(golden_dir, component)
         first_in = next(iter(feed))
         first_out = next(iter(outputs))
         rows.append((component, first_in, str(list(feed[first_in].shape)), first_out, str(list(outputs[first_out].shape))))
     _print_table(rows, ("component", "first input", "shape", "first output", "shape"))
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="MobileVLM V2 checkpoint directory.")
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="CLIP ViT-L/14-336 checkpoint directory, when the checkpoint has no vision weights.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Artifacts directory to write.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--golden", type=click.Path(path_type=Path), default=None, help="Check the graphs in ONNX Runtime against this golden directory.")
+def export(checkpoint: Path, vision_tower: Path | None, out: Path, dtype: str, golden: Path | None) -> None:
+    """Export vision.onnx, projector.onnx and decoder.onnx (+ embedding table, tokenizer, manifest)."""
+    _quiet_libraries()
+    from mvlm_compile.export.exporter import export_artifacts
+
+    manifest = export_artifacts(checkpoint, out, vision_tower=vision_tower, dtype=dtype, progress=lambda m: click.echo(f"[export] {m}", err=True))
+    rows = [(name, g["file"], g["dtype"], ", ".join(i["name"] for i in g["inputs"][:3])) for name, g in manifest.graphs.items()]
+    _print_table(rows, ("graph", "file", "dtype", "inputs"))
+    click.echo(f"wrote {out} in {manifest.stages['export']['seconds']} s")
+    if golden is not None:
+        _check_against_golden(out, golden)
+
+
+def _check_against_golden(artifacts: Path, golden: Path) -> None:
+    from mvlm_compile.errors import EXIT_NUMERICAL_FAILURE
+    from mvlm_compile.runtime.ort_backend import OrtBackend
+    from mvlm_compile.verify.components import check_components
+
+    checks = check_components(OrtBackend(artifacts), golden)
+    rows = [
+        (c.component, c.output, f"{c.metrics['max_abs']:.3g}", f"{c.metrics['rel_to_scale']:.3g}", f"{c.metrics['cosine']:.7f}", "ok" if c.passed else "FAIL")
+        for c in checks
+    ]
+    _print_table(rows, ("component", "output", "max abs", "err/scale", "cosine", "result"))
+    if not all(c.passed for c in checks):
+        click.echo("error: outputs differ from the golden tensors beyond tolerance", err=True)
+        sys.exit(EXIT_NUMERICAL_FAILURE)
 
 
 def main() -> None:

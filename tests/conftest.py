@@ -38,11 +38,11 @@ def tiny_golden(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
-def load_component(golden_dir: Path, component: str):
-    """(feed dict, outputs dict) of one golden component, read with Polygraphy."""
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import load_json
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_checkpoint, tmp_path_factory) -> Path:
+    """FP32 export of the seed-0 tiny checkpoint."""
+    from mvlm_compile.export.exporter import export_artifacts
 
-    feed = load_json(str(golden_dir / f"{component}.inputs.json"))[0]
-    runner, iterations = RunResults.load(str(golden_dir / f"{component}.outputs.json"))[0]
-    return feed, dict(iterations[0])
+    out = tmp_path_factory.mktemp("artifacts") / "fp32"
+    export_artifacts(tiny_checkpoint, out, dtype="fp32")
+    return out

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import torch
-from conftest import GOLDEN_TINY, load_component
+from conftest import GOLDEN_TINY
 
 from mvlm_compile import contract
 from mvlm_compile.model.golden import write_golden
 from mvlm_compile.model.loader import load_checkpoint
+from mvlm_compile.verify.golden_io import load_component
 
 
 def _tensor_files(directory):

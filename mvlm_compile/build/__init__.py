@@ -1,0 +1,1 @@
+"""Building TensorRT engines and the plugin libraries they need."""

@@ -1,0 +1,198 @@
+"""Export the vision encoder, the LDPv2 projector and the decoder (with KV cache) to ONNX.
+
+Opset 21 / IR 10: what the INT4 DequantizeLinear (block_size) of the quantize stage needs
+and what TensorRT 10.3+ parses. Graphs over 2 GB keep their weights as external data
+(`<graph>.onnx.data`). Everything is written to a temporary directory and renamed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from mvlm_compile import contract
+from mvlm_compile.errors import MvlmError
+from mvlm_compile.export.modules import Decoder, Projector, VisionEncoder
+from mvlm_compile.fileio import atomic_output_dir
+from mvlm_compile.manifest import Manifest
+from mvlm_compile.model.config import IMAGE_TOKEN_INDEX, POOLED_GRID
+from mvlm_compile.model.golden import checkpoint_fingerprint
+from mvlm_compile.model.loader import load_checkpoint
+from mvlm_compile.model.tokenizer import load_tokenizer
+from mvlm_compile.recipes import recipe_for
+
+OPSET = 21
+IR_VERSION = 10
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
+    """TorchScript-based export (torch.export cannot yet trace transformers' cache with a
+    zero-length past), then IR 10, with the weights in one external file above 2 GB."""
+    scratch = path.parent / f".{path.stem}.export"  # the exporter scatters one file per tensor above 2 GB
+    scratch.mkdir()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation notices, not actionable here
+            torch.onnx.export(
+                module,
+                args,
+                str(scratch / path.name),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=dynamic,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(scratch / path.name), load_external_data=True)
+    finally:
+        shutil.rmtree(scratch)
+    model.ir_version = IR_VERSION
+    save_model(model, path)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save a graph; weights go to `<name>.onnx.data` when the graph passes protobuf's 2 GB."""
+    large = model.ByteSize() > _PROTOBUF_LIMIT
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
+
+
+def _io(model_path: Path) -> tuple[list[dict], list[dict]]:
+    """Names, element types and symbolic shapes of a saved graph, for the manifest."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+
+    def describe(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return describe(graph.input), describe(graph.output)
+
+
+def export_artifacts(
+    checkpoint: Path,
+    out: Path,
+    vision_tower: Path | None = None,
+    dtype: str = "fp32",
+    progress: Callable[[str], None] = lambda msg: None,
+) -> Manifest:
+    """Write vision.onnx, projector.onnx, decoder.onnx, embed_tokens.npy, tokenizer.json, manifest.json."""
+    if dtype not in DTYPES:
+        raise MvlmError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    progress("loading checkpoint")
+    loaded = load_checkpoint(checkpoint, vision_tower, dtype=torch_dtype)
+    model, cfg = loaded.model, loaded.config
+    tokenizer = load_tokenizer(checkpoint)
+    try:
+        recipe = recipe_for(cfg).name
+    except MvlmError:
+        recipe = None
+
+    manifest = Manifest(
+        model={
+            "recipe": recipe,
+            "hidden_size": cfg.hidden_size,
+            "mm_hidden_size": cfg.mm_hidden_size,
+            "num_layers": cfg.num_layers,
+            "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size,
+            "max_context": cfg.max_context,
+            "image_tokens": POOLED_GRID * POOLED_GRID,
+            "image_token_index": IMAGE_TOKEN_INDEX,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "conversation_template": "v1",
+        }
+    )
+    layers = cfg.num_layers
+    kv_shape = (1, cfg.num_kv_heads, 2, cfg.head_dim)
+    batch = {0: "batch"}
+    decoder_dynamic = {
+        contract.DECODER_EMBEDS: {0: "batch", 1: "seq"},
+        contract.DECODER_MASK: {0: "batch", 1: "total"},
+        contract.DECODER_POSITIONS: {0: "batch", 1: "seq"},
+        contract.DECODER_LOGITS: {0: "batch", 1: "seq"},
+    }
+    for i in range(layers):
+        decoder_dynamic.update({name: {0: "batch", 2: "past"} for name in contract.past_names(i)})
+        decoder_dynamic.update({name: {0: "batch", 2: "total"} for name in contract.present_names(i)})
+
+    started = time.perf_counter()
+    with atomic_output_dir(out) as tmp, torch.no_grad():
+        progress("exporting vision.onnx")
+        _export(
+            VisionEncoder(model).eval(),
+            (torch.zeros(1, 3, 336, 336, dtype=torch_dtype),),
+            tmp / "vision.onnx",
+            [contract.VISION_INPUT],
+            [contract.VISION_OUTPUT],
+            {contract.VISION_INPUT: batch, contract.VISION_OUTPUT: batch},
+        )
+        progress("exporting projector.onnx")
+        _export(
+            Projector(model).eval(),
+            (torch.zeros(1, 576, cfg.mm_hidden_size, dtype=torch_dtype),),
+            tmp / "projector.onnx",
+            [contract.PROJECTOR_INPUT],
+            [contract.PROJECTOR_OUTPUT],
+            {contract.PROJECTOR_INPUT: batch, contract.PROJECTOR_OUTPUT: batch},
+        )
+        progress("exporting decoder.onnx")
+        # Example shapes with past = 2, seq = 3: every axis distinct so the tracer keeps them symbolic.
+        _export(
+            Decoder(model).eval(),
+            (
+                torch.zeros(1, 3, cfg.hidden_size, dtype=torch_dtype),
+                torch.ones(1, 5, dtype=torch.int64),
+                torch.arange(2, 5, dtype=torch.int64)[None],
+                *[torch.zeros(kv_shape, dtype=torch_dtype) for _ in range(2 * layers)],
+            ),
+            tmp / "decoder.onnx",
+            contract.decoder_input_names(layers),
+            contract.decoder_output_names(layers),
+            decoder_dynamic,
+        )
+        progress("writing the token embedding table and tokenizer")
+        table = model.language_model.get_input_embeddings().weight.detach().numpy()
+        np.save(tmp / "embed_tokens.npy", table, allow_pickle=False)
+        tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        manifest.files = {"embed_tokens": "embed_tokens.npy", "tokenizer": "tokenizer.json"}
+        for name in ("vision", "projector", "decoder"):
+            manifest.record_graph(tmp, name, f"{name}.onnx", dtype, *_io(tmp / f"{name}.onnx"))
+        manifest.stages["export"] = {
+            "dtype": dtype,
+            "opset": OPSET,
+            "ir_version": IR_VERSION,
+            "checkpoint": str(checkpoint),
+            "checkpoint_fingerprint_sha256": checkpoint_fingerprint([cfg.path, *loaded.weight_files]),
+            "vision_weights_from": loaded.vision_source,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        manifest.save(tmp)
+    return manifest

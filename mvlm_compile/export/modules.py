@@ -1,0 +1,69 @@
+"""Export-ready views of the reference: each takes and returns exactly the graph's I/O (contract.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from mvlm_compile.model.reference import MobileVLMReference
+
+
+def vision_layers_used(num_layers: int, select_layer: int) -> int:
+    """hidden_states[select_layer] is the output of this many encoder layers (index 0 = embeddings)."""
+    index = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
+    if not 0 <= index <= num_layers:
+        raise ValueError(f"mm_vision_select_layer {select_layer} is outside a {num_layers}-layer tower")
+    return index
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values -> image_features: only the layers up to the selected one, no post-layernorm."""
+
+    def __init__(self, model: MobileVLMReference) -> None:
+        super().__init__()
+        tower = model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # transformers 4 kept a vision_model level
+        self.embeddings = tower.embeddings
+        self.pre_layrnorm = tower.pre_layrnorm
+        used = vision_layers_used(len(tower.encoder.layers), model.select_layer)
+        self.layers = nn.ModuleList(tower.encoder.layers[:used])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.layers:
+            out = layer(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden[:, 1:]
+
+
+class Projector(nn.Module):
+    def __init__(self, model: MobileVLMReference) -> None:
+        super().__init__()
+        self.projector = model.mm_projector
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.projector(image_features)
+
+
+class Decoder(nn.Module):
+    """(inputs_embeds, attention_mask, position_ids, *past k/v) -> (logits, *present k/v)."""
+
+    def __init__(self, model: MobileVLMReference) -> None:
+        super().__init__()
+        self.language_model = model.language_model
+        self.num_layers = model.config.num_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        present = []
+        for layer in out.cache.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)

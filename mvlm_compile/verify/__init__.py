@@ -1,0 +1,1 @@
+"""The verify stage: compare graphs and engines with the golden tensors. Torch-free."""

@@ -1,0 +1,51 @@
+"""Run each graph on its golden inputs and compare every output with the golden tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mvlm_compile.verify.golden_io import load_component
+from mvlm_compile.verify.metrics import compare
+
+# Tolerances on max |error| / max |golden| and on cosine, per graph precision. FP32 is the
+# issue's 1e-4 floor; FP16 is measured on the tiny model (worst 1.1e-2, decoder prefill
+# logits) with headroom.
+TOLERANCES = {
+    "fp32": {"rel_to_scale": 1e-4, "cosine": 0.999999},
+    "fp16": {"rel_to_scale": 3e-2, "cosine": 0.999},
+}
+GRAPH_OF_COMPONENT = {
+    "vision": "vision",
+    "projector": "projector",
+    "decoder_prefill": "decoder",
+    "decoder_decode": "decoder",
+}
+
+
+@dataclass
+class OutputCheck:
+    component: str
+    output: str
+    metrics: dict[str, float]
+    tolerance: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.metrics["rel_to_scale"] <= self.tolerance["rel_to_scale"]
+            and self.metrics["cosine"] >= self.tolerance["cosine"]
+        )
+
+
+def check_components(backend, golden_dir: Path, components=tuple(GRAPH_OF_COMPONENT)) -> list[OutputCheck]:
+    """One OutputCheck per (component, output), at the tolerance of the graph's precision."""
+    checks = []
+    for component in components:
+        graph = GRAPH_OF_COMPONENT[component]
+        tolerance = TOLERANCES[backend.manifest.graphs[graph]["dtype"]]
+        feed, expected = load_component(golden_dir, component)
+        got = backend.run(graph, feed)
+        for name, value in expected.items():
+            checks.append(OutputCheck(component, name, compare(got[name], value), tolerance))
+    return checks
