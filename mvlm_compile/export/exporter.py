@@ -26,12 +26,12 @@ from mvlm_compile.model.config import IMAGE_TOKEN_INDEX, POOLED_GRID
 from mvlm_compile.model.golden import checkpoint_fingerprint
 from mvlm_compile.model.loader import load_checkpoint
 from mvlm_compile.model.tokenizer import load_tokenizer
+from mvlm_compile.onnx_io import save_model
 from mvlm_compile.recipes import recipe_for
 
 OPSET = 21
 IR_VERSION = 10
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-_PROTOBUF_LIMIT = 2**31 - 1
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
@@ -58,19 +58,6 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
         shutil.rmtree(scratch)
     model.ir_version = IR_VERSION
     save_model(model, path)
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save a graph; weights go to `<name>.onnx.data` when the graph passes protobuf's 2 GB."""
-    large = model.ByteSize() > _PROTOBUF_LIMIT
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=large,
-        all_tensors_to_one_file=True,
-        location=f"{path.name}.data",
-        size_threshold=1024,
-    )
 
 
 def _io(model_path: Path) -> tuple[list[dict], list[dict]]:

@@ -56,7 +56,7 @@ def _llama(hidden: int, layers: int, heads: int, mlp: int, vocab: int, context: 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        text=_llama(hidden=64, layers=2, heads=4, mlp=172, vocab=512, context=512),
+        text=_llama(hidden=64, layers=2, heads=4, mlp=192, vocab=512, context=512),
         vision={
             "hidden_size": 64,
             "intermediate_size": 128,

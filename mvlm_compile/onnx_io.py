@@ -1,0 +1,51 @@
+"""Loading and saving ONNX graphs for every stage (torch-free)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from mvlm_compile.errors import ArtifactError
+
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_model(path: Path, load_weights: bool = True) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing ONNX graph") from None
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ArtifactError(f"{path}: not a readable ONNX graph ({type(e).__name__}: {e})") from None
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save a graph, its weights in `<name>.onnx.data` when it passes protobuf's 2 GB.
+
+    Written into a temporary sibling directory first, then each file is renamed into place,
+    so a crash never leaves a truncated graph under the final name.
+    """
+    path = Path(path)
+    large = model.ByteSize() > PROTOBUF_LIMIT
+    data_name = f"{path.name}.data"
+    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        onnx.save_model(
+            model,
+            str(scratch / path.name),
+            save_as_external_data=large,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        if large:
+            os.replace(scratch / data_name, path.parent / data_name)
+        else:
+            (path.parent / data_name).unlink(missing_ok=True)
+        os.replace(scratch / path.name, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
