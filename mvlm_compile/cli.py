@@ -141,6 +141,162 @@ def _check_against_golden(artifacts: Path, golden: Path) -> None:
         sys.exit(EXIT_NUMERICAL_FAILURE)
 
 
+@cli.command()
+@click.option("--target", required=True, help="Target profile (recipes/targets/targets.yaml), e.g. orin-agx-64gb, orin-nano-8gb, x86-sm89.")
+@click.argument("bundle_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Start from a checkpoint (host: needs the host extra).")
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="CLIP ViT-L/14-336 directory, when the checkpoint has no vision weights.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle directory to write (with --checkpoint).")
+@click.option("--recipe", default=None, help="Recipe name or YAML path (default: the one matching the model).")
+@click.option("--context", type=int, default=None, help="Context length (default: target, then recipe).")
+@click.option("--batch", type=int, default=None, help="Decoder batch (default: target, then recipe).")
+@click.option("--force", is_flag=True, help="Rerun every stage even when its inputs are unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def build(target, bundle_dir, checkpoint, vision_tower, out, recipe, context, batch, force, as_json) -> None:
+    """Export -> optimize -> quantize -> TensorRT engines, into a bundle.
+
+    From a checkpoint: `build --target T --checkpoint DIR --out BUNDLE`. From a bundle made
+    elsewhere (on the Orin): `build --target T BUNDLE`. Without TensorRT or a GPU of the
+    target's SM, the bundle is prepared and the command for the target is printed (exit 3).
+    """
+    from mvlm_compile.build.pipeline import build as run_build
+    from mvlm_compile.errors import EXIT_ENGINES_DEFERRED
+
+    if (checkpoint is None) == (bundle_dir is None):
+        raise click.UsageError("give either BUNDLE_DIR or --checkpoint DIR --out BUNDLE")
+    if checkpoint is not None and out is None:
+        raise click.UsageError("--checkpoint needs --out BUNDLE")
+    _quiet_libraries()
+    result = run_build(
+        target, out or bundle_dir, checkpoint=checkpoint, vision_tower=vision_tower, recipe_name=recipe,
+        context=context, batch=batch, force=force, progress=lambda m: click.echo(f"[build] {m}", err=True),
+    )
+    summary = {
+        "bundle": str(result.bundle),
+        "stages": result.stages,
+        "settings": result.settings.__dict__,
+        "memory_plan": result.plan.to_json(),
+        "engines_dir": str(result.engines_dir) if result.engines_dir else None,
+        "deferred_reason": result.deferred_reason,
+        "target_command": result.target_command,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_table([(k, v) for k, v in result.stages.items()], ("stage", "result"))
+        click.echo(result.plan.table())
+    if result.engines_dir is None:
+        click.echo(f"engines not built here: {result.deferred_reason}", err=True)
+        click.echo(f"bundle ready: {result.bundle}; copy it to the target and run:\n  {result.target_command}", err=True)
+        sys.exit(EXIT_ENGINES_DEFERRED)
+    click.echo(f"engines in {result.engines_dir}")
+
+
+def _backend_options(fn):
+    fn = click.option("--engines", type=click.Path(path_type=Path), default=None, help="Engines directory (trt; default: the bundle's engines-<target>/).")(fn)
+    fn = click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ONNX Runtime (CPU) or TensorRT engines.")(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--golden", type=click.Path(path_type=Path), required=True, help="Golden directory (mvlm-compile golden).")
+@_backend_options
+@click.option("--recipe", default=None, help="Recipe whose tolerances apply (default: the artifacts' recipe).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None, help="FP32 export for the divergence search (default: ARTIFACTS/reference when present).")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the JSON report here (and JUnit XML beside it, .xml).")
+def verify(artifacts, golden, backend, engines, recipe, reference, report) -> None:
+    """Compare every component and the greedy tokens with the golden tensors (exit 1 beyond tolerance)."""
+    from mvlm_compile.errors import EXIT_NUMERICAL_FAILURE
+    from mvlm_compile.fileio import write_json
+    from mvlm_compile.recipes import load_recipe
+    from mvlm_compile.runtime.backend import open_backend
+    from mvlm_compile.manifest import REFERENCE_DIR
+    from mvlm_compile.verify.verifier import verify as run_verify
+
+    _quiet_libraries()
+    runner = open_backend(backend, artifacts, engines)
+    recipe_name = recipe or runner.manifest.model.get("recipe")
+    tolerances = load_recipe(recipe_name).tolerances if recipe_name else None
+    reference = reference or (runner.artifacts / REFERENCE_DIR if (runner.artifacts / REFERENCE_DIR / "manifest.json").exists() else None)
+    result = run_verify(runner, golden, tolerances=tolerances, reference=reference)
+    _print_table(result.rows(), ("component", "output", "max abs", "mean abs", "err/scale", "cosine", "result"))
+    for component, where in result.divergences.items():
+        click.echo(f"{component}: first diverging node " + (f"{where['node']} ({where['op_type']}), tensor {where['tensor']}" if where else "not found (outputs only)"))
+    if report is not None:
+        write_json(report, result.to_json())
+        result.write_junit(report.with_suffix(".xml"))
+    click.echo("PASSED" if result.passed else "FAILED")
+    if not result.passed:
+        sys.exit(EXIT_NUMERICAL_FAILURE)
+
+
+@cli.command()
+@click.option("--artifacts", type=click.Path(path_type=Path), required=True, help="Artifacts or bundle directory.")
+@click.option("--image", type=click.Path(path_type=Path), required=True)
+@click.option("--prompt", required=True, help="The question about the image.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@_backend_options
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable); EOS always stops.")
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+def run(artifacts, image, prompt, max_new_tokens, backend, engines, temperature, top_p, seed, stop, stream) -> None:
+    """Answer a question about an image."""
+    from mvlm_compile.model.preprocess import load_image, preprocess_image
+    from mvlm_compile.runtime.backend import open_backend
+    from mvlm_compile.runtime.pipeline import Chat, Pipeline, Sampling
+
+    pixel_values = preprocess_image(load_image(image))
+    chat = Chat(Pipeline(open_backend(backend, artifacts, engines)))
+    on_text = (lambda piece: click.echo(piece, nl=False)) if stream else None
+    text = chat.generate(pixel_values, prompt, max_new_tokens, Sampling(temperature, top_p, seed), stop or ("</s>",), on_text)
+    click.echo("" if stream else text)
+
+
+@cli.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@_backend_options
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Also run PyTorch eager on this checkpoint (host) for ratios.")
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
+@click.option("--prompt-tokens", type=int, default=256, show_default=True, help="Prefill length (image tokens included).")
+@click.option("--decode-steps", type=int, default=32, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results as JSON here.")
+def bench(artifacts, backend, engines, checkpoint, vision_tower, prompt_tokens, decode_steps, warmup, repeats, json_path) -> None:
+    """Latency of vision, projector, prefill and decode tokens/s (median, p90), with PyTorch eager ratios."""
+    from mvlm_compile.fileio import write_json
+    from mvlm_compile.runtime.backend import open_backend
+    from mvlm_compile.runtime.bench import bench_backend, bench_torch_eager, ratios
+    from mvlm_compile.runtime.pipeline import Pipeline
+
+    _quiet_libraries()
+    interactive = sys.stderr.isatty()
+
+    def progress(msg: str) -> None:
+        if interactive:
+            click.echo(f"\r[bench] {msg:<40}", nl=False, err=True)
+
+    results = {"backend": backend, "prompt_tokens": prompt_tokens}
+    results[backend] = bench_backend(Pipeline(open_backend(backend, artifacts, engines)), prompt_tokens, decode_steps, warmup, repeats, progress)
+    if checkpoint is not None:
+        results["torch_eager_fp32"] = bench_torch_eager(checkpoint, vision_tower, prompt_tokens, decode_steps, warmup, repeats, progress)
+        results["speedup_vs_torch_eager"] = ratios(results[backend], results["torch_eager_fp32"])
+    if interactive:
+        click.echo("", err=True)
+    rows = []
+    for name in [backend, "torch_eager_fp32"] if checkpoint else [backend]:
+        r = results[name]
+        rows.append((name, *(f"{r[k]['median_ms']:.1f} / {r[k]['p90_ms']:.1f}" for k in ("vision", "projector", "prefill")), f"{r['decode']['tokens_per_s']:.2f}", f"{r['peak_rss_gib']:.2f}"))
+    _print_table(rows, ("backend", "vision ms (med/p90)", "projector ms", f"prefill {prompt_tokens} ms", "decode tok/s", "peak RSS GiB"))
+    if checkpoint is not None:
+        click.echo("speed-up vs PyTorch eager: " + ", ".join(f"{k} {v:.2f}x" for k, v in results["speedup_vs_torch_eager"].items()))
+    if json_path is not None:
+        write_json(json_path, results)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -8,6 +8,8 @@ their content hashes and I/O, and per stage the hash of its inputs so that later
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,29 @@ def load_manifest(directory: Path) -> Manifest:
     if missing:
         raise ArtifactError(f"{Path(directory)}: files listed in {MANIFEST_NAME} are missing: {missing}")
     return manifest
+
+
+REFERENCE_DIR = "reference"
+
+
+def keep_reference(directory: Path) -> Path | None:
+    """Before the first in-place rewrite, keep the exported graphs in `reference/` (hard links:
+    no extra disk, since rewrites replace files rather than edit them). verify's divergence
+    search compares against it. Returns the reference directory, or None if one exists."""
+    directory = Path(directory)
+    reference = directory / REFERENCE_DIR
+    if (reference / MANIFEST_NAME).exists():
+        return None
+    manifest = load_manifest(directory)
+    reference.mkdir(exist_ok=True)
+    files = [g["file"] for g in manifest.graphs.values()] + list(manifest.files.values())
+    files += [f"{g['file']}.data" for g in manifest.graphs.values() if (directory / f"{g['file']}.data").exists()]
+    for name in files:
+        target = reference / name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(directory / name, target)
+        except OSError:  # another filesystem or no hard links: copy
+            shutil.copy2(directory / name, target)
+    manifest.save(reference)  # last: its presence marks a complete reference
+    return reference

@@ -12,6 +12,8 @@ import onnx
 from mvlm_compile.errors import ArtifactError
 
 PROTOBUF_LIMIT = 2**31 - 1
+# Protobuf cannot serialise (or even size) a message over 2 GB; keep inline weights well under it.
+INLINE_WEIGHTS_LIMIT = 1536 * 2**20
 
 
 def load_model(path: Path, load_weights: bool = True) -> onnx.ModelProto:
@@ -23,6 +25,22 @@ def load_model(path: Path, load_weights: bool = True) -> onnx.ModelProto:
         raise ArtifactError(f"{path}: not a readable ONNX graph ({type(e).__name__}: {e})") from None
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers (ModelProto.ByteSize() itself fails past 2 GB)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next((e.value for e in tensor.external_data if e.key == "length"), 0))
+        elif tensor.raw_data:
+            total += len(tensor.raw_data)
+        else:
+            count = 1
+            for dim in tensor.dims:
+                count *= dim
+            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save a graph, its weights in `<name>.onnx.data` when it passes protobuf's 2 GB.
 
@@ -30,7 +48,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     so a crash never leaves a truncated graph under the final name.
     """
     path = Path(path)
-    large = model.ByteSize() > PROTOBUF_LIMIT
+    large = weight_bytes(model) > INLINE_WEIGHTS_LIMIT
     data_name = f"{path.name}.data"
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

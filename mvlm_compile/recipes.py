@@ -23,6 +23,7 @@ class Recipe:
     precision: dict[str, Any]
     defaults: dict[str, Any]
     path: Path
+    tolerances: dict[str, dict[str, float]]  # by precision; verify's defaults fill the gaps
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     missing = [k for k in ("name", "architecture", "precision", "defaults") if k not in data]
     if missing:
         raise MvlmError(f"{path}: recipe lacks {missing}")
-    return Recipe(data["name"], data["architecture"], data["precision"], data["defaults"], path)
+    return Recipe(data["name"], data["architecture"], data["precision"], data["defaults"], path, data.get("tolerances", {}))
 
 
 def load_targets() -> dict[str, Target]:

@@ -6,15 +6,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from mvlm_compile.model.config import vision_layers_used
 from mvlm_compile.model.reference import MobileVLMReference
-
-
-def vision_layers_used(num_layers: int, select_layer: int) -> int:
-    """hidden_states[select_layer] is the output of this many encoder layers (index 0 = embeddings)."""
-    index = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
-    if not 0 <= index <= num_layers:
-        raise ValueError(f"mm_vision_select_layer {select_layer} is outside a {num_layers}-layer tower")
-    return index
 
 
 class VisionEncoder(nn.Module):

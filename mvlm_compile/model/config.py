@@ -84,6 +84,14 @@ class MobileVLMConfig:
         return int(self.text["max_position_embeddings"])
 
 
+def vision_layers_used(num_layers: int, select_layer: int) -> int:
+    """hidden_states[select_layer] is the output of this many encoder layers (index 0 = embeddings)."""
+    index = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
+    if not 0 <= index <= num_layers:
+        raise ValueError(f"mm_vision_select_layer {select_layer} is outside a {num_layers}-layer tower")
+    return index
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         with open(path) as f:

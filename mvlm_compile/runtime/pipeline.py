@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from mvlm_compile import contract
+from mvlm_compile.errors import MvlmError
 from mvlm_compile.manifest import Manifest
+from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
 
 
 class Backend(Protocol):
@@ -71,3 +74,78 @@ class Pipeline:
             if len(tokens) == max_new_tokens:
                 return tokens
             logits, past = self.step(self.embed([tokens[-1]]), past)
+
+
+@dataclass
+class Sampling:
+    """Greedy when temperature == 0; else temperature + nucleus (top-p) sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    scaled = logits.astype(np.float64) / sampling.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = order[: int(np.searchsorted(np.cumsum(probs[order]), sampling.top_p) + 1)]
+    return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
+
+
+class Chat:
+    """Image + question -> answer text, with the checkpoint's tokenizer and the 'v1' template."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        from tokenizers import Tokenizer
+
+        self.pipeline = pipeline
+        manifest = pipeline.backend.manifest
+        self.tokenizer = Tokenizer.from_file(str(pipeline.backend.artifacts / manifest.files["tokenizer"]))
+        self.bos = int(manifest.model["bos_token_id"])
+        self.eos = int(manifest.model["eos_token_id"])
+        self.context = int(manifest.model["max_context"])
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return tokenize_with_image(build_prompt(question), lambda text: self.tokenizer.encode(text).ids, self.bos)
+
+    def generate(
+        self,
+        pixel_values: np.ndarray,
+        question: str,
+        max_new_tokens: int = 128,
+        sampling: Sampling = Sampling(),
+        stop: Sequence[str] = ("</s>",),
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """Answer text; stops at EOS, a stop string or max_new_tokens; `on_text` gets each new piece."""
+        ids = self.prompt_ids(question)
+        prompt_tokens = len(ids) - 1 + int(self.pipeline.backend.manifest.model["image_tokens"])
+        if prompt_tokens + max_new_tokens > self.context:
+            raise MvlmError(
+                f"--prompt: {prompt_tokens} prompt tokens (with the image) + --max-new-tokens {max_new_tokens} "
+                f"exceed the context of {self.context}"
+            )
+        rng = np.random.default_rng(sampling.seed)
+        logits, past = self.pipeline.step(self.pipeline.splice(ids, self.pipeline.image_embeds(pixel_values)), self.pipeline.empty_cache())
+        tokens: list[int] = []
+        text = ""
+        while len(tokens) < max_new_tokens:
+            token = next_token(logits[0], sampling, rng)
+            if token == self.eos:
+                break
+            tokens.append(token)
+            new_text = self.tokenizer.decode(tokens)
+            hit = next((s for s in stop if s in new_text), None)
+            if hit is not None:
+                new_text = new_text[: new_text.index(hit)]
+            if on_text and len(new_text) > len(text):
+                on_text(new_text[len(text) :])
+            text = new_text
+            if hit is not None:
+                break
+            logits, past = self.pipeline.step(self.pipeline.embed([token]), past)
+        return text

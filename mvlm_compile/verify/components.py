@@ -38,12 +38,16 @@ class OutputCheck:
         )
 
 
-def check_components(backend, golden_dir: Path, components=tuple(GRAPH_OF_COMPONENT)) -> list[OutputCheck]:
-    """One OutputCheck per (component, output), at the tolerance of the graph's precision."""
+def check_components(
+    backend, golden_dir: Path, components=tuple(GRAPH_OF_COMPONENT), tolerances: dict | None = None
+) -> list[OutputCheck]:
+    """One OutputCheck per (component, output), at the tolerance of the graph's precision
+    (`tolerances` by precision, e.g. a recipe's, else TOLERANCES)."""
+    tolerances = {**TOLERANCES, **(tolerances or {})}
     checks = []
     for component in components:
         graph = GRAPH_OF_COMPONENT[component]
-        tolerance = TOLERANCES[backend.manifest.graphs[graph]["dtype"]]
+        tolerance = tolerances[backend.manifest.graphs[graph]["dtype"]]
         feed, expected = load_component(golden_dir, component)
         got = backend.run(graph, feed)
         for name, value in expected.items():

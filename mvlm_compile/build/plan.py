@@ -1,0 +1,184 @@
+"""Memory planning and optimisation profiles for a target. Torch-free, TensorRT-free.
+
+The build refuses a configuration whose weights + KV cache + activations do not fit the
+target's memory budget (recipes/targets/targets.yaml), and shows the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mvlm_compile import contract
+from mvlm_compile.errors import MvlmError
+from mvlm_compile.model.config import vision_layers_used
+from mvlm_compile.recipes import Recipe, Target
+
+GIB = 2**30
+FP16 = 2  # bytes
+MIN_WORKSPACE = 256 * 2**20  # below this TensorRT loses most tactics
+MAX_WORKSPACE = 4 * GIB
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the plan needs of the model (from an artifacts manifest or a checkpoint config)."""
+
+    hidden: int
+    mm_hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    vocab: int
+    vision_hidden: int
+    vision_mlp: int
+    vision_layers_used: int
+
+    @classmethod
+    def from_recipe_and_manifest(cls, recipe: Recipe, model: dict[str, Any]) -> "Geometry":
+        vision = recipe.architecture["vision"]
+        return cls(
+            hidden=int(model["hidden_size"]),
+            mm_hidden=int(model["mm_hidden_size"]),
+            layers=int(model["num_layers"]),
+            heads=int(model["num_heads"]),
+            kv_heads=int(model["num_kv_heads"]),
+            head_dim=int(model["head_dim"]),
+            mlp=int(recipe.architecture["decoder"]["intermediate_size"]),
+            vocab=int(model["vocab_size"]),
+            vision_hidden=int(vision["hidden_size"]),
+            vision_mlp=4 * int(vision["hidden_size"]),
+            vision_layers_used=vision_layers_used(vision["num_hidden_layers"], vision["select_layer"]),
+        )
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    context: int  # longest prompt + generated tokens
+    max_prompt: int  # longest prefill
+    batch: int  # decoder batch
+    vision_batch: int
+
+    @classmethod
+    def resolve(cls, recipe: Recipe, target: Target, context: int | None = None, batch: int | None = None) -> "BuildSettings":
+        """Explicit options, else the target's defaults, else the recipe's."""
+        ctx = int(context or target.defaults.get("context") or recipe.defaults["context"])
+        max_prompt = min(int(recipe.defaults["max_prompt"]), ctx - 1)
+        b = int(batch or target.defaults.get("batch") or recipe.defaults["batch"])
+        return cls(context=ctx, max_prompt=max_prompt, batch=b, vision_batch=int(recipe.defaults["vision_batch"]))
+
+
+@dataclass
+class MemoryPlan:
+    rows: list[tuple[str, float]] = field(default_factory=list)  # (item, bytes)
+    budget: float = 0.0
+    workspace: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.rows)
+
+    @property
+    def fits(self) -> bool:
+        return self.total + MIN_WORKSPACE <= self.budget
+
+    def table(self) -> str:
+        lines = [f"{name:<64} {b / GIB:8.2f} GiB" for name, b in self.rows]
+        lines.append(f"{'total':<64} {self.total / GIB:8.2f} GiB")
+        lines.append(f"{'budget of the target':<64} {self.budget / GIB:8.2f} GiB")
+        lines.append(f"{'TensorRT workspace pool (limit)':<64} {self.workspace / GIB:8.2f} GiB")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "items_gib": {name: round(b / GIB, 3) for name, b in self.rows},
+            "total_gib": round(self.total / GIB, 3),
+            "budget_gib": round(self.budget / GIB, 3),
+            "workspace_gib": round(self.workspace / GIB, 3),
+        }
+
+
+def _weight_bytes(params: float, precision: str, group: int) -> float:
+    if precision == "int4":
+        return params / 2 + params / group * FP16  # packed nibbles + FP16 scale per group
+    return params * (4 if precision == "fp32" else FP16)
+
+
+def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: BuildSettings) -> MemoryPlan:
+    """Weights (by the recipe's precisions), KV cache, activations: against the target's budget."""
+    g = geometry
+    precision = recipe.precision
+    decoder = precision["decoder"]
+    vision_params = g.vision_layers_used * (4 * g.vision_hidden**2 + 2 * g.vision_hidden * g.vision_mlp) + 577 * g.vision_hidden + 3 * 14 * 14 * g.vision_hidden
+    projector_params = g.mm_hidden * g.hidden + g.hidden * g.hidden + 10 * g.hidden
+    attention = 2 * g.hidden * g.hidden + 2 * g.hidden * g.kv_heads * g.head_dim
+    linear_params = g.layers * (attention + 3 * g.hidden * g.mlp)
+    table = g.vocab * g.hidden
+    group = int(decoder.get("group_size", 128))
+    kv_elems = 2 * g.layers * settings.batch * g.kv_heads * g.head_dim * settings.context
+    # The graph takes past and returns past+seq (present): both live at once during a step.
+    kv_bytes = 2 * kv_elems * FP16
+    prefill_tokens = settings.batch * settings.max_prompt
+    activations = (
+        prefill_tokens * g.vocab * FP16  # logits of the prefill
+        + 2 * settings.batch * g.heads * settings.max_prompt * settings.max_prompt * FP16  # scores + softmax, one layer at a time
+        + 6 * prefill_tokens * max(g.hidden, g.mlp) * FP16  # hidden states and MLP intermediates
+        + settings.vision_batch * 577 * g.vision_hidden * 16 * FP16  # vision encoder
+    )
+    plan = MemoryPlan(budget=target.memory_budget_gb * GIB)
+    plan.rows = [
+        (f"vision weights ({precision['vision']})", _weight_bytes(vision_params, precision["vision"], group)),
+        (f"projector weights ({precision['projector']})", _weight_bytes(projector_params, precision["projector"], group)),
+        (f"decoder linear weights ({decoder['weights']}, group {group})", _weight_bytes(linear_params, decoder["weights"], group)),
+        ("lm_head (fp16)" if "lm_head" in decoder.get("keep_fp16", []) else f"lm_head ({decoder['weights']})",
+         _weight_bytes(table, "fp16" if "lm_head" in decoder.get("keep_fp16", []) else decoder["weights"], group)),
+        ("token embedding table (fp16, host side)", table * FP16),
+        (f"KV cache (fp16, batch {settings.batch}, context {settings.context}, past+present)", kv_bytes),
+        (f"activations (prefill {settings.max_prompt} tokens, vision batch {settings.vision_batch})", activations),
+    ]
+    plan.workspace = int(max(MIN_WORKSPACE, min(MAX_WORKSPACE, (plan.budget - plan.total) / 2)))
+    return plan
+
+
+def check_fits(plan: MemoryPlan, target: Target, recipe: Recipe) -> None:
+    if not plan.fits:
+        raise MvlmError(
+            f"--target {target.name}: {recipe.name} needs {plan.total / GIB:.2f} GiB + "
+            f"{MIN_WORKSPACE / GIB:.2f} GiB workspace but the target's budget is {plan.budget / GIB:.2f} GiB "
+            f"(lower --context or --batch):\n{plan.table()}"
+        )
+
+
+def optimization_profiles(geometry: Geometry, settings: BuildSettings) -> dict[str, list[dict[str, list[list[int]]]]]:
+    """Per graph, a list of profiles: {input name: [min, opt, max] shapes}.
+
+    The decoder gets two profiles in ONE engine rather than two engines: prefill (past = 0,
+    seq up to the longest prompt) and decode (seq = 1, past up to context - 1). One engine
+    holds the weights once, which matters on an 8-16 GB Orin; the runtime picks the profile
+    per call.
+    """
+    g, s = geometry, settings
+    b = [1, s.batch, s.batch]
+    vb = [1, s.vision_batch, s.vision_batch]
+    vision = {contract.VISION_INPUT: [[n, 3, 336, 336] for n in vb]}
+    projector = {contract.PROJECTOR_INPUT: [[n, 576, g.mm_hidden] for n in vb]}
+
+    def decoder_profile(seq: list[int], past: list[int]) -> dict[str, list[list[int]]]:
+        profile = {
+            contract.DECODER_EMBEDS: [[n, q, g.hidden] for n, q in zip(b, seq)],
+            contract.DECODER_MASK: [[n, q + p] for n, q, p in zip(b, seq, past)],
+            contract.DECODER_POSITIONS: [[n, q] for n, q in zip(b, seq)],
+        }
+        for layer in range(g.layers):
+            for name in contract.past_names(layer):
+                profile[name] = [[n, g.kv_heads, p, g.head_dim] for n, p in zip(b, past)]
+        return profile
+
+    prefill = decoder_profile(seq=[1, max(1, s.max_prompt // 2), s.max_prompt], past=[0, 0, 0])
+    decode = decoder_profile(seq=[1, 1, 1], past=[0, s.context // 2, s.context - 1])
+    return {"vision": [vision], "projector": [projector], "decoder": [prefill, decode]}
+
+
+PREFILL_PROFILE, DECODE_PROFILE = 0, 1

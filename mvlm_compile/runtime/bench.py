@@ -1,0 +1,108 @@
+"""`bench`: latency of vision, projector, prefill and decode tokens/s through a backend, and the
+same model in PyTorch eager in the same run (with a checkpoint) for a ratio.
+
+Each measurement: warm-up runs, then repeats; median and p90. Peak memory is this process's
+max RSS (CPU backends; on a Jetson CPU and GPU share it).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Callable
+
+import numpy as np
+
+from mvlm_compile.runtime.pipeline import Pipeline
+
+Progress = Callable[[str], None]
+
+
+def _timed(fn: Callable[[], object], warmup: int, repeats: int, progress: Progress, label: str) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+        progress(f"{label}: {i + 1}/{repeats}")
+    return {"median_ms": 1e3 * float(np.median(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)), "repeats": repeats}
+
+
+def _decode_stats(step_times: list[float]) -> dict[str, float]:
+    median = float(np.median(step_times))
+    return {
+        "tokens_per_s": 1.0 / median,
+        "median_ms": 1e3 * median,
+        "p90_ms": 1e3 * float(np.percentile(step_times, 90)),
+        "steps": len(step_times),
+    }
+
+
+def bench_backend(pipeline: Pipeline, prompt_tokens: int, decode_steps: int, warmup: int, repeats: int, progress: Progress) -> dict:
+    """Vision, projector, prefill of `prompt_tokens` (image included) and `decode_steps` decode steps."""
+    manifest = pipeline.backend.manifest.model
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((1, 3, 336, 336)).astype(np.float32)
+    features = pipeline.backend.run("vision", {"pixel_values": pixels})["image_features"]
+    embeds = (rng.standard_normal((1, prompt_tokens, int(manifest["hidden_size"]))) * 0.1).astype(np.float32)
+    results = {
+        "vision": _timed(lambda: pipeline.backend.run("vision", {"pixel_values": pixels}), warmup, repeats, progress, "vision"),
+        "projector": _timed(lambda: pipeline.backend.run("projector", {"image_features": features}), warmup, repeats, progress, "projector"),
+        "prefill": _timed(lambda: pipeline.step(embeds, pipeline.empty_cache()), warmup, repeats, progress, "prefill"),
+    }
+    _, past = pipeline.step(embeds, pipeline.empty_cache())
+    token = pipeline.embed([1])
+    step_times = []
+    for i in range(warmup + decode_steps):
+        started = time.perf_counter()
+        _, past = pipeline.step(token, past)
+        if i >= warmup:
+            step_times.append(time.perf_counter() - started)
+            progress(f"decode: {i + 1 - warmup}/{decode_steps}")
+    results["decode"] = _decode_stats(step_times)
+    results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return results
+
+
+def bench_torch_eager(checkpoint, vision_tower, prompt_tokens: int, decode_steps: int, warmup: int, repeats: int, progress: Progress) -> dict:
+    """The same measurements on the FP32 PyTorch reference (host only: imports torch)."""
+    import torch
+
+    from mvlm_compile.model.loader import load_checkpoint
+
+    model = load_checkpoint(checkpoint, vision_tower).model
+    cfg = model.config
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 336, 336, generator=generator)
+    embeds = torch.randn(1, prompt_tokens, cfg.hidden_size, generator=generator) * 0.1
+    mask = torch.ones(1, prompt_tokens, dtype=torch.int64)
+    positions = torch.arange(prompt_tokens)[None]
+    with torch.no_grad():
+        features = model.encode_images(pixels)
+        results = {
+            "vision": _timed(lambda: model.encode_images(pixels), warmup, repeats, progress, "torch vision"),
+            "projector": _timed(lambda: model.project(features), warmup, repeats, progress, "torch projector"),
+            "prefill": _timed(lambda: model.decode(embeds, mask, positions, []), warmup, repeats, progress, "torch prefill"),
+        }
+        _, past = model.decode(embeds, mask, positions, [])
+        token = model.embed_tokens(torch.tensor([[1]]))
+        step_times = []
+        for i in range(warmup + decode_steps):
+            total = prompt_tokens + i + 1
+            started = time.perf_counter()
+            _, past = model.decode(token, torch.ones(1, total, dtype=torch.int64), torch.tensor([[total - 1]]), past)
+            if i >= warmup:
+                step_times.append(time.perf_counter() - started)
+                progress(f"torch decode: {i + 1 - warmup}/{decode_steps}")
+    results["decode"] = _decode_stats(step_times)
+    results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return results
+
+
+def ratios(backend: dict, eager: dict) -> dict[str, float]:
+    """How many times faster the backend is than PyTorch eager (>1: faster)."""
+    out = {k: eager[k]["median_ms"] / backend[k]["median_ms"] for k in ("vision", "projector", "prefill")}
+    out["decode_tokens_per_s"] = backend["decode"]["tokens_per_s"] / eager["decode"]["tokens_per_s"]
+    return out
