@@ -1,0 +1,75 @@
+"""Target, profile and memory planning, checked against hand counts of the architecture."""
+
+from __future__ import annotations
+
+import pytest
+
+from mvlm_compile import contract
+from mvlm_compile.build.plan import GIB, BuildSettings, Geometry, check_fits, optimization_profiles, plan_memory
+from mvlm_compile.errors import MvlmError
+from mvlm_compile.recipes import load_recipe, load_targets
+
+# Model geometry as an artifacts manifest records it (../shared/model-facts.md).
+MODELS = {
+    "mobilevlm-v2-1.7b": dict(hidden_size=2048, mm_hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16, head_dim=128, vocab_size=32000),
+    "mobilevlm-v2-7b": dict(hidden_size=4096, mm_hidden_size=1024, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, vocab_size=32000),
+}
+
+
+def _plan(model: str, target: str, **settings):
+    recipe, t = load_recipe(model), load_targets()[target]
+    geometry = Geometry.from_recipe_and_manifest(recipe, MODELS[model])
+    s = BuildSettings.resolve(recipe, t, **settings)
+    return recipe, t, geometry, s, plan_memory(geometry, recipe, t, s)
+
+
+def test_1p7b_weights_and_kv_cache_by_hand():
+    _, _, _, settings, plan = _plan("mobilevlm-v2-1.7b", "orin-agx-64gb")
+    items = dict(plan.rows)
+    # 24 layers x (4 x 2048^2 attention + 3 x 2048 x 5632 MLP) = 1,233,125,376 weights,
+    # 4 bits each plus an FP16 scale per 128.
+    linear = 24 * (4 * 2048 * 2048 + 3 * 2048 * 5632)
+    assert items["decoder linear weights (int4, group 128)"] == pytest.approx(linear / 2 + linear / 128 * 2)
+    # ViT-L/14 up to layer 23: 23 x (4 x 1024^2 + 2 x 1024 x 4096) + embeddings, FP16.
+    vision = 23 * (4 * 1024**2 + 2 * 1024 * 4096) + 577 * 1024 + 3 * 14 * 14 * 1024
+    assert items["vision weights (fp16)"] == pytest.approx(vision * 2)
+    # K and V, 24 layers, 16 heads x 128, 2048 positions, FP16, past and present buffers.
+    assert settings.context == 2048
+    kv_key = next(k for k in items if k.startswith("KV cache"))
+    assert items[kv_key] == pytest.approx(2 * (2 * 24 * 16 * 128 * 2048) * 2)
+    assert plan.fits
+
+
+def test_7b_is_refused_on_orin_nano_with_the_numbers():
+    recipe, target, _, _, plan = _plan("mobilevlm-v2-7b", "orin-nano-8gb")
+    assert not plan.fits
+    with pytest.raises(MvlmError, match=r"--target orin-nano-8gb: mobilevlm-v2-7b needs \d+\.\d\d GiB .* budget is 4\.50 GiB") as err:
+        check_fits(plan, target, recipe)
+    assert "decoder linear weights (int4, group 128)" in str(err.value)
+    # A shorter context does not save it: the INT4 weights alone are 3.1 GiB.
+    *_, short = _plan("mobilevlm-v2-7b", "orin-nano-8gb", context=256)
+    assert not short.fits
+
+
+def test_every_model_fits_the_agx_targets():
+    for model in MODELS:
+        for target in ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb"):
+            assert _plan(model, target)[-1].fits, (model, target)
+
+
+def test_decoder_profiles_prefill_and_decode():
+    _, _, geometry, settings, _ = _plan("mobilevlm-v2-1.7b", "orin-nx-16gb")
+    prefill, decode = optimization_profiles(geometry, settings)["decoder"]
+    past = contract.past_names(23)[1]
+    assert prefill[past] == [[1, 16, 0, 128]] * 3  # no past in prefill
+    assert prefill[contract.DECODER_EMBEDS][2] == [1, settings.max_prompt, 2048]
+    assert decode[contract.DECODER_EMBEDS] == [[1, 1, 2048]] * 3
+    assert decode[past][2] == [1, 16, settings.context - 1, 128]
+    assert decode[contract.DECODER_MASK][2] == [1, settings.context]
+    assert settings.max_prompt < settings.context
+
+
+def test_workspace_is_what_is_left_within_limits():
+    *_, plan = _plan("mobilevlm-v2-1.7b", "orin-nano-8gb")
+    assert 256 * 2**20 <= plan.workspace <= 4 * GIB
+    assert plan.total + plan.workspace <= plan.budget

@@ -1,0 +1,102 @@
+"""verify / run / bench through the CLI on the tiny model's FP32 export (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+from conftest import GOLDEN_TINY
+
+from mvlm_compile.cli import cli
+from mvlm_compile.manifest import keep_reference, load_manifest
+from mvlm_compile.onnx_io import save_model
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_verify_passes_and_writes_json_and_junit(tiny_artifacts, tmp_path):
+    report = tmp_path / "report.json"
+    result = _invoke("verify", tiny_artifacts, "--golden", GOLDEN_TINY, "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["greedy"]["prefix"] == 32 and data["greedy"]["required_prefix"] == 32
+    assert all(c["rel_to_scale"] <= 1e-4 for c in data["components"])
+    suite = ET.parse(report.with_suffix(".xml")).getroot()
+    assert suite.get("failures") == "0" and int(suite.get("tests")) == 13
+
+
+def test_verify_names_the_first_diverging_node(tiny_artifacts, tmp_path):
+    broken = shutil.copytree(tiny_artifacts, tmp_path / "broken")
+    keep_reference(broken)
+    # Perturb the down projection of decoder layer 1: everything before it still matches.
+    path = load_manifest(broken).graph_path(broken, "decoder")
+    model = onnx.load(str(path))
+    node = next(n for n in model.graph.node if n.name == "/language_model/model/layers.1/mlp/down_proj/MatMul")
+    weight = next(t for t in model.graph.initializer if t.name == node.input[1])
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[:5] *= 1.5
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    save_model(model, path)
+
+    report = tmp_path / "r.json"
+    result = _invoke("verify", broken, "--golden", GOLDEN_TINY, "--report", report)
+    assert result.exit_code == 1
+    assert "decoder_prefill: first diverging node /language_model/model/layers.1/mlp/down_proj/MatMul (MatMul)" in result.output
+    data = json.loads(report.read_text())
+    assert not data["passed"]
+    assert {c["component"] for c in data["components"] if not c["passed"]} == {"decoder_prefill", "decoder_decode"}
+
+
+def test_verify_missing_golden_is_an_input_error(tiny_artifacts, tmp_path):
+    result = CliRunner().invoke(cli, ["verify", str(tiny_artifacts), "--golden", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "missing golden file for component 'vision'" in str(result.exception)
+
+
+def test_run_streams_the_same_text_it_returns(tiny_artifacts, tmp_path):
+    from mvlm_compile.model.preprocess import golden_image
+
+    golden_image().save(tmp_path / "image.png")
+    args = ("run", "--artifacts", tiny_artifacts, "--image", tmp_path / "image.png", "--prompt", "What is in the image?", "--max-new-tokens", 12)
+    whole = _invoke(*args)
+    streamed = _invoke(*args, "--stream")
+    assert whole.exit_code == streamed.exit_code == 0
+    assert whole.output.rstrip("\n") == streamed.output.rstrip("\n") != ""
+
+
+def test_run_refuses_a_prompt_longer_than_the_context(tiny_artifacts, tmp_path):
+    from mvlm_compile.model.preprocess import golden_image
+
+    golden_image().save(tmp_path / "image.png")
+    result = CliRunner().invoke(
+        cli, ["run", "--artifacts", str(tiny_artifacts), "--image", str(tmp_path / "image.png"), "--prompt", "word " * 400]
+    )
+    assert result.exit_code != 0
+    assert "exceed the context of 512" in str(result.exception)
+
+
+def test_sampling_is_reproducible_and_differs_from_greedy(tiny_artifacts):
+    from mvlm_compile.model.preprocess import golden_image, preprocess_image
+    from mvlm_compile.runtime.ort_backend import OrtBackend
+    from mvlm_compile.runtime.pipeline import Chat, Pipeline, Sampling
+
+    chat = Chat(Pipeline(OrtBackend(tiny_artifacts)))
+    pixels = preprocess_image(golden_image())
+    sampled = [chat.generate(pixels, "Describe it.", 16, Sampling(1.0, 0.95, seed=3)) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != chat.generate(pixels, "Describe it.", 16)
+
+
+def test_bench_reports_every_stage(tiny_artifacts, tmp_path):
+    out = tmp_path / "bench.json"
+    result = _invoke("bench", tiny_artifacts, "--repeats", 1, "--warmup", 0, "--decode-steps", 2, "--prompt-tokens", 160, "--json", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())["ort"]
+    assert set(data) >= {"vision", "projector", "prefill", "decode", "peak_rss_gib"}
+    assert data["decode"]["steps"] == 2 and np.isfinite(data["decode"]["tokens_per_s"])
