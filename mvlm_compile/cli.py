@@ -142,6 +142,32 @@ def _check_against_golden(artifacts: Path, golden: Path) -> None:
 
 
 @cli.command()
+@click.argument("artifacts", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--allow-missing",
+    "allow_missing",
+    multiple=True,
+    metavar="PASS",
+    help="Report PASS as skipped when its pattern is not in the graph, instead of failing (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def optimize(artifacts: Path, allow_missing: tuple[str, ...], as_json: bool) -> None:
+    """Rewrite the graphs in place: PEG plugin node, LDPv2 pool-first, constant folding and clean-ups."""
+    _quiet_libraries()
+    from mvlm_compile.manifest import keep_reference
+    from mvlm_compile.surgery import optimize_artifacts, optimize_command_rows
+
+    keep_reference(artifacts)
+    report = optimize_artifacts(artifacts, allow_missing=allow_missing, progress=lambda m: click.echo(f"[optimize] {m}", err=True))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    header, rows = optimize_command_rows(report)
+    _print_table(rows, header)
+    click.echo(f"optimized {artifacts}" if report.changed else f"{artifacts}: already optimized, nothing changed")
+
+
+@cli.command()
 @click.option("--target", required=True, help="Target profile (recipes/targets/targets.yaml), e.g. orin-agx-64gb, orin-nano-8gb, x86-sm89.")
 @click.argument("bundle_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Start from a checkpoint (host: needs the host extra).")

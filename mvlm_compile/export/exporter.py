@@ -26,7 +26,7 @@ from mvlm_compile.model.config import IMAGE_TOKEN_INDEX, POOLED_GRID
 from mvlm_compile.model.golden import checkpoint_fingerprint
 from mvlm_compile.model.loader import load_checkpoint
 from mvlm_compile.model.tokenizer import load_tokenizer
-from mvlm_compile.onnx_io import save_model
+from mvlm_compile.onnx_io import save_model, save_with_streamed_weights
 from mvlm_compile.recipes import recipe_for
 
 OPSET = 21
@@ -53,11 +53,14 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
                 dynamic_axes=dynamic,
                 do_constant_folding=True,
             )
-        model = onnx.load(str(scratch / path.name), load_external_data=True)
+        model = onnx.load(str(scratch / path.name), load_external_data=False)
+        model.ir_version = IR_VERSION
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            save_with_streamed_weights(model, scratch, path)
+        else:
+            save_model(model, path)
     finally:
         shutil.rmtree(scratch)
-    model.ir_version = IR_VERSION
-    save_model(model, path)
 
 
 def _io(model_path: Path) -> tuple[list[dict], list[dict]]:

@@ -13,13 +13,17 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 def ort_session(path: Path, threads: int = 0):
     """A CPU session. INT4 MatMulNBits runs with FP32 activations (accuracy level 0): the default
-    int8 activations cost about 0.5% relative error, too much for verification."""
+    int8 activations cost about 0.5% relative error, too much for verification. A graph with
+    nodes in the ai.onnx.contrib domain (the MvlmPEG plugin node) gets onnxruntime-extensions
+    and the op's NumPy reference."""
     import onnxruntime as ort
+
+    from mvlm_compile.surgery.peg_reference import ort_model_source
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(ort_model_source(path, options), options, providers=["CPUExecutionProvider"])
 
 
 class OrtBackend:
