@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from mvlm_compile.model.config import vision_layers_used
 from mvlm_compile.model.reference import MobileVLMReference
@@ -44,19 +43,9 @@ class Decoder(nn.Module):
 
     def __init__(self, model: MobileVLMReference) -> None:
         super().__init__()
-        self.language_model = model.language_model
-        self.num_layers = model.config.num_layers
+        self.model = model
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-        )
-        present = []
-        for layer in out.cache.layers:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
+        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        logits, present = self.model.decode(inputs_embeds, attention_mask, position_ids, pairs)
+        return (logits, *[t for pair in present for t in pair])

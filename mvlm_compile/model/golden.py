@@ -4,7 +4,8 @@ For each component (vision, projector, decoder prefill, one decoder decode step)
 directory holds `<component>.inputs.json` (a list of feed dicts) and
 `<component>.outputs.json` (Polygraphy RunResults), so that
 `polygraphy run X.onnx --onnxrt --load-inputs IN.json --load-outputs OUT.json` works as is;
-plus generation.json (the prompt's token ids and a greedy generation) and manifest.json.
+plus generation.json (the prompt's token ids and a greedy generation), image.png (the input
+image) and manifest.json.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def write_golden(
     model, cfg = loaded.model, loaded.config
     tokenizer = load_tokenizer(checkpoint_dir)
 
-    pixel_values = torch.from_numpy(preprocess_image(golden_image()))
+    image = golden_image()
+    pixel_values = torch.from_numpy(preprocess_image(image))
     image_features = model.encode_images(pixel_values)
     image_embeds = model.project(image_features)
 
@@ -120,7 +122,7 @@ def write_golden(
         },
         "precision": "fp32",
         "seeds": {"torch": 0, "image": "golden_image() (deterministic, no seed)"},
-        "image": "mvlm_compile.model.preprocess.golden_image(): 400x300 RGB, made in code",
+        "image": "image.png = mvlm_compile.model.preprocess.golden_image(): 400x300 RGB, made in code",
         "question": question,
         "runner_name": RUNNER_NAME,
         "components": {
@@ -149,5 +151,6 @@ def write_golden(
             tmp / "generation.json",
             {"prompt": prompt, "input_ids": input_ids, "max_new_tokens": max_new_tokens, "generated_ids": generated},
         )
+        image.save(tmp / "image.png")  # the same image as a file, for `mvlm-compile run --image`
         write_json(tmp / "manifest.json", manifest)
     return manifest

@@ -30,7 +30,15 @@ def _timed(fn: Callable[[], object], warmup: int, repeats: int, progress: Progre
     return {"median_ms": 1e3 * float(np.median(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)), "repeats": repeats}
 
 
-def _decode_stats(step_times: list[float]) -> dict[str, float]:
+def _decode(step: Callable[[int], None], warmup: int, steps: int, progress: Progress, label: str) -> dict[str, float]:
+    """Time `steps` decode steps after `warmup` ones; `step(i)` runs step i (the cache grows)."""
+    step_times = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        step(i)
+        if i >= warmup:
+            step_times.append(time.perf_counter() - started)
+            progress(f"{label}: {i + 1 - warmup}/{steps}")
     median = float(np.median(step_times))
     return {
         "tokens_per_s": 1.0 / median,
@@ -52,16 +60,13 @@ def bench_backend(pipeline: Pipeline, prompt_tokens: int, decode_steps: int, war
         "projector": _timed(lambda: pipeline.backend.run("projector", {"image_features": features}), warmup, repeats, progress, "projector"),
         "prefill": _timed(lambda: pipeline.step(embeds, pipeline.empty_cache()), warmup, repeats, progress, "prefill"),
     }
-    _, past = pipeline.step(embeds, pipeline.empty_cache())
+    cache = [pipeline.step(embeds, pipeline.empty_cache())[1]]
     token = pipeline.embed([1])
-    step_times = []
-    for i in range(warmup + decode_steps):
-        started = time.perf_counter()
-        _, past = pipeline.step(token, past)
-        if i >= warmup:
-            step_times.append(time.perf_counter() - started)
-            progress(f"decode: {i + 1 - warmup}/{decode_steps}")
-    results["decode"] = _decode_stats(step_times)
+
+    def step(_: int) -> None:
+        cache[0] = pipeline.step(token, cache[0])[1]
+
+    results["decode"] = _decode(step, warmup, decode_steps, progress, "decode")
     results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return results
 
@@ -86,17 +91,14 @@ def bench_torch_eager(checkpoint, vision_tower, prompt_tokens: int, decode_steps
             "projector": _timed(lambda: model.project(features), warmup, repeats, progress, "torch projector"),
             "prefill": _timed(lambda: model.decode(embeds, mask, positions, []), warmup, repeats, progress, "torch prefill"),
         }
-        _, past = model.decode(embeds, mask, positions, [])
+        cache = [model.decode(embeds, mask, positions, [])[1]]
         token = model.embed_tokens(torch.tensor([[1]]))
-        step_times = []
-        for i in range(warmup + decode_steps):
+
+        def step(i: int) -> None:
             total = prompt_tokens + i + 1
-            started = time.perf_counter()
-            _, past = model.decode(token, torch.ones(1, total, dtype=torch.int64), torch.tensor([[total - 1]]), past)
-            if i >= warmup:
-                step_times.append(time.perf_counter() - started)
-                progress(f"torch decode: {i + 1 - warmup}/{decode_steps}")
-    results["decode"] = _decode_stats(step_times)
+            cache[0] = model.decode(token, torch.ones(1, total, dtype=torch.int64), torch.tensor([[total - 1]]), cache[0])[1]
+
+        results["decode"] = _decode(step, warmup, decode_steps, progress, "torch decode")
     results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return results
 
