@@ -168,6 +168,34 @@ def optimize(artifacts: Path, allow_missing: tuple[str, ...], as_json: bool) -> 
 
 
 @cli.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--decoder", type=click.Choice(["int4"]), default="int4", show_default=True, help="Decoder weight precision.")
+@click.option("--method", type=click.Choice(["awq", "rtn"]), default=None, help="INT4 method. Default: the recipe's (awq).")
+@click.option("--group-size", type=int, default=None, help="INT4 scale group along the input dimension. Default: the recipe's (128; tiny 32).")
+@click.option("--keep", multiple=True, help="A Linear kept unquantized, e.g. lm_head (repeatable). Default: the recipe's keep_fp16.")
+@click.option("--calib-images", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="Directory of calibration images instead of the built-in ones (AWQ).")
+@click.option("--golden", type=click.Path(path_type=Path), default=None, help="Report accuracy against this golden directory.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the quantized artifacts here; default: in place (the FP32 decoder is not kept).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def quantize(artifacts: Path, decoder: str, method: str | None, group_size: int | None, keep: tuple[str, ...], calib_images: Path | None, golden: Path | None, out: Path | None, as_json: bool) -> None:
+    """INT4 weight-only decoder (AWQ or RTN) and FP16 vision/projector; with --golden, an accuracy report."""
+    _quiet_libraries()
+    from mvlm_compile.errors import EXIT_NUMERICAL_FAILURE
+    from mvlm_compile.quantize import quantize_artifacts
+    from mvlm_compile.quantize.calibration import CalibrationSpec
+
+    report = quantize_artifacts(
+        artifacts, decoder=decoder, method=method, group_size=group_size, keep_fp16=keep or None,
+        calibration=CalibrationSpec(images=calib_images) if calib_images else None, golden=golden, out=out,
+        progress=lambda m: click.echo(f"[quantize] {m}", err=True),
+    )
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())
+    if report.accuracy and not all(c.get("passed", True) for c in report.accuracy["components"].values()):
+        click.echo("error: FP16 vision/projector outputs differ from the golden tensors beyond tolerance", err=True)
+        sys.exit(EXIT_NUMERICAL_FAILURE)
+
+
+@cli.command()
 @click.option("--target", required=True, help="Target profile (recipes/targets/targets.yaml), e.g. orin-agx-64gb, orin-nano-8gb, x86-sm89.")
 @click.argument("bundle_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Start from a checkpoint (host: needs the host extra).")

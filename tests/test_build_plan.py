@@ -10,6 +10,7 @@ from mvlm_compile.errors import MvlmError
 from mvlm_compile.recipes import load_recipe, load_targets
 
 # Model geometry as an artifacts manifest records it (../shared/model-facts.md).
+MODEL_CONTEXT = 2048
 MODELS = {
     "mobilevlm-v2-1.7b": dict(hidden_size=2048, mm_hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16, head_dim=128, vocab_size=32000),
     "mobilevlm-v2-7b": dict(hidden_size=4096, mm_hidden_size=1024, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, vocab_size=32000),
@@ -19,7 +20,7 @@ MODELS = {
 def _plan(model: str, target: str, **settings):
     recipe, t = load_recipe(model), load_targets()[target]
     geometry = Geometry.from_recipe_and_manifest(recipe, MODELS[model])
-    s = BuildSettings.resolve(recipe, t, **settings)
+    s = BuildSettings.resolve(recipe, t, MODEL_CONTEXT, **settings)
     return recipe, t, geometry, s, plan_memory(geometry, recipe, t, s)
 
 
@@ -73,3 +74,10 @@ def test_workspace_is_what_is_left_within_limits():
     *_, plan = _plan("mobilevlm-v2-1.7b", "orin-nano-8gb")
     assert 256 * 2**20 <= plan.workspace <= 4 * GIB
     assert plan.total + plan.workspace <= plan.budget
+
+
+def test_context_is_capped_by_the_model_and_checked():
+    recipe, target = load_recipe("tiny"), load_targets()["orin-agx-64gb"]
+    assert BuildSettings.resolve(recipe, target, 512).context == 512  # target default 2048
+    with pytest.raises(MvlmError, match=r"--context 4096: the model's context is 512"):
+        BuildSettings.resolve(recipe, target, 512, context=4096)

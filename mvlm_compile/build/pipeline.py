@@ -70,8 +70,10 @@ def _host_stages(checkpoint: Path, vision_tower: Path | None, bundle: Path, forc
     else:
         ran["golden"] = "skipped (unchanged)"
     if force or previous.get("export") != key or not (artifacts / MANIFEST_NAME).exists():
-        progress("export: ONNX graphs (FP32; the quantize stage sets the engine precisions)")
-        export_artifacts(checkpoint, artifacts, vision_tower=vision_tower, dtype="fp32", progress=progress)
+        # FP16: TensorRT builds strongly typed networks, so the decoder's activations must be
+        # FP16 in the graph itself (the INT4 scales take the graph's float type).
+        progress("export: ONNX graphs in FP16")
+        export_artifacts(checkpoint, artifacts, vision_tower=vision_tower, dtype="fp16", progress=progress)
         ran["export"] = "ran"
     else:
         ran["export"] = "skipped (unchanged)"
@@ -85,17 +87,38 @@ def _checkpoint_stamp(checkpoint: Path, vision_tower: Path | None) -> list:
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-def _graph_stage(name: str, artifacts: Path, params: dict, run: Callable[[], None], force: bool, progress: Progress) -> str:
-    """Run an in-place graph stage unless the graphs are the ones it produced last time with these params."""
-    manifest = load_manifest(artifacts)
+IN_PLACE_STAGES = ("optimize", "quantize")  # rewrite the artifacts' graphs, in this order
+
+
+def _stage_is_current(manifest: Manifest, name: str, params: dict, on_disk: dict[str, str]) -> bool:
+    """The stage ran with these params, and every later stage consumed exactly what it
+    produced, up to the graphs now on disk (content hashes)."""
     record = manifest.stages.get(name, {})
-    if not force and record.get("params_sha256") == _digest(params) and record.get("outputs_sha256") == _graph_hashes(artifacts, manifest):
+    if record.get("params_sha256") != _digest(params):
+        return False
+    produced = record.get("outputs_sha256")
+    for later in IN_PLACE_STAGES[IN_PLACE_STAGES.index(name) + 1 :]:
+        later_record = manifest.stages.get(later, {})
+        if "inputs_sha256" not in later_record:
+            break
+        if later_record["inputs_sha256"] != produced:
+            return False
+        produced = later_record.get("outputs_sha256")
+    return produced == on_disk
+
+
+def _graph_stage(name: str, artifacts: Path, params: dict, run: Callable[[], None], force: bool, progress: Progress) -> str:
+    """Run an in-place graph stage unless it is current (see _stage_is_current)."""
+    manifest = load_manifest(artifacts)
+    before = _graph_hashes(artifacts, manifest)
+    if not force and _stage_is_current(manifest, name, params, before):
         return "skipped (unchanged)"
     progress(f"{name}: running")
     run()
     manifest = load_manifest(artifacts)
     manifest.stages.setdefault(name, {})
     manifest.stages[name]["params_sha256"] = _digest(params)
+    manifest.stages[name]["inputs_sha256"] = before
     manifest.stages[name]["outputs_sha256"] = _graph_hashes(artifacts, manifest)
     manifest.save(artifacts)
     return "ran"
@@ -168,7 +191,7 @@ def build(
     if recipe_ref is None:
         raise MvlmError(f"{artifacts / MANIFEST_NAME}: no recipe matches this model; pass --recipe NAME|PATH")
     recipe = load_recipe(recipe_ref)
-    settings = BuildSettings.resolve(recipe, target, context, batch)
+    settings = BuildSettings.resolve(recipe, target, int(manifest.model["max_context"]), context, batch)
     geometry = Geometry.from_recipe_and_manifest(recipe, manifest.model)
     plan = plan_memory(geometry, recipe, target, settings)
     check_fits(plan, target, recipe)

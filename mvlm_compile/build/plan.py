@@ -62,9 +62,13 @@ class BuildSettings:
     vision_batch: int
 
     @classmethod
-    def resolve(cls, recipe: Recipe, target: Target, context: int | None = None, batch: int | None = None) -> "BuildSettings":
-        """Explicit options, else the target's defaults, else the recipe's."""
-        ctx = int(context or target.defaults.get("context") or recipe.defaults["context"])
+    def resolve(
+        cls, recipe: Recipe, target: Target, model_context: int, context: int | None = None, batch: int | None = None
+    ) -> "BuildSettings":
+        """Explicit options, else the target's defaults, else the recipe's; never past the model's context."""
+        if context is not None and context > model_context:
+            raise MvlmError(f"--context {context}: the model's context is {model_context} (max_position_embeddings)")
+        ctx = min(int(context or target.defaults.get("context") or recipe.defaults["context"]), model_context)
         max_prompt = min(int(recipe.defaults["max_prompt"]), ctx - 1)
         b = int(batch or target.defaults.get("batch") or recipe.defaults["batch"])
         return cls(context=ctx, max_prompt=max_prompt, batch=b, vision_batch=int(recipe.defaults["vision_batch"]))

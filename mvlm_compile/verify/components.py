@@ -14,6 +14,10 @@ from mvlm_compile.verify.metrics import compare
 TOLERANCES = {
     "fp32": {"rel_to_scale": 1e-4, "cosine": 0.999999},
     "fp16": {"rel_to_scale": 3e-2, "cosine": 0.999},
+    # INT4 weights (AWQ, group 128): measured worst cosine 0.9928 (tiny) / 0.9895 (1.7B, a
+    # present tensor), worst error/scale 0.17 (tiny) / 0.47 (1.7B). Random synthetic weights
+    # have no outlier channels; tighten with real checkpoints in the recipes.
+    "int4": {"rel_to_scale": 0.6, "cosine": 0.98},
 }
 GRAPH_OF_COMPONENT = {
     "vision": "vision",

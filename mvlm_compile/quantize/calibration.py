@@ -1,0 +1,208 @@
+"""Calibration data for the decoder: image + prompt sequences through the FP32 graphs, and the
+inputs of the decoder's Linear MatMuls captured in ONNX Runtime.
+
+The sequences are built like the runtime builds them (Pipeline.image_embeds + splice): a few
+deterministic images made in code (the golden image transformed, and some others) with
+questions in the v1 template and a short answer, tokenized with the artifacts' tokenizer.json
+through `tokenizers`. None of them is the golden prompt: the golden tensors are kept for
+evaluation only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+from PIL import Image, ImageOps
+
+from mvlm_compile import contract
+from mvlm_compile.errors import ArtifactError, MvlmError
+from mvlm_compile.manifest import Manifest
+from mvlm_compile.model.preprocess import golden_image, load_image, preprocess_image
+from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
+from mvlm_compile.runtime.ort_backend import _ORT_TYPES, ort_session
+from mvlm_compile.runtime.pipeline import Pipeline
+
+# (question, answer): the answer text makes the calibration see assistant-side positions too.
+CALIBRATION_TEXTS = (
+    ("What colours can you see in this picture?", "I can see red, green and blue, with a yellow circle."),
+    ("How many shapes are there, and where are they?", "There is one round shape near the top right and stripes at the bottom."),
+    ("Is there any text in the image? Read it.", "No, there is no text in the image."),
+    ("Describe the background of the scene.", "The background is a smooth gradient from dark to light."),
+    ("What is the main object, and what colour is it?", "The main object is a circle. It is yellow."),
+    ("Write a short caption for this photo.", "A colourful abstract pattern with a bright disc."),
+)
+
+
+def _checkerboard() -> Image.Image:
+    y, x = np.mgrid[0:320, 0:480]
+    board = (((x // 40) + (y // 40)) % 2).astype(np.float32)
+    rgb = np.stack([board * 230 + 10, (1 - board) * 200 + 30, 60 + 120 * (x / 479.0)], axis=-1)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), mode="RGB")
+
+
+def _smooth_noise(seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(12, 16, 3)).astype(np.uint8)
+    return Image.fromarray(coarse, mode="RGB").resize((512, 384), Image.Resampling.BICUBIC)
+
+
+def calibration_images() -> list[tuple[str, Image.Image]]:
+    """Deterministic images made in code (never the golden image itself, only transformed)."""
+    base = golden_image()
+    return [
+        ("golden_image mirrored", ImageOps.mirror(base)),
+        ("golden_image rotated 90 degrees", base.rotate(90, expand=True)),
+        ("golden_image colours inverted", ImageOps.invert(base)),
+        ("golden_image centre crop 200x150 in greyscale", ImageOps.grayscale(base.crop((100, 75, 300, 225))).convert("RGB")),
+        ("checkerboard 480x320", _checkerboard()),
+        ("smooth random colours (seed 0)", _smooth_noise(0)),
+    ]
+
+
+@dataclass
+class CalibrationSpec:
+    """What to calibrate on. `images`: a directory of image files instead of the built-in set."""
+
+    images: Path | None = None
+    texts: Sequence[tuple[str, str]] = CALIBRATION_TEXTS
+    max_samples: int = 6
+
+    def describe(self) -> str:
+        source = f"images from {self.images}" if self.images else "built-in images made in code (golden image transformed, checkerboard, smooth noise)"
+        return f"{self.max_samples} sequences at most, batch 1: {source}, v1-template questions with short answers (not the golden prompt)"
+
+
+@dataclass
+class Calibration:
+    captures: dict[str, np.ndarray]  # tensor name -> [tokens, features] float32 (all sequences concatenated)
+    tokens: int
+    sequences: list[dict] = field(default_factory=list)  # per sequence: image, question, length
+    extra_logits: list[np.ndarray] = field(default_factory=list)  # FP32 logits of extra sequences
+
+
+class _StageBackend:
+    """The Pipeline's backend for vision/projector only (the decoder session is not opened:
+    at 1.7B it is 5.6 GB, and calibration runs its own instrumented decoder)."""
+
+    name = "ort"
+
+    def __init__(self, artifacts: Path, manifest: Manifest) -> None:
+        self.artifacts = Path(artifacts)
+        self.manifest = manifest
+        self._sessions: dict = {}
+
+    def input_dtype(self, graph: str, name: str) -> type:
+        for item in self.manifest.graphs[graph]["inputs"]:
+            if item["name"] == name:
+                return np.dtype(item["dtype"]).type
+        raise ArtifactError(f"{graph}: no input {name!r} in the manifest")
+
+    def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph not in self._sessions:
+            self._sessions[graph] = ort_session(self.manifest.graph_path(self.artifacts, graph))
+        session = self._sessions[graph]
+        cast = {i.name: np.asarray(feed[i.name], dtype=_ORT_TYPES[i.type]) for i in session.get_inputs()}
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, cast)))
+
+
+def _tokenizer_encode(artifacts: Path, manifest: Manifest) -> Callable[[str], list[int]]:
+    from tokenizers import Tokenizer
+
+    path = Path(artifacts) / manifest.files.get("tokenizer", "tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type
+        raise ArtifactError(f"{path}: cannot load the tokenizer ({e})") from None
+    return lambda text: tokenizer.encode(text).ids
+
+
+def calibration_sequences(artifacts: Path, manifest: Manifest, spec: CalibrationSpec, progress=lambda m: None) -> tuple[list[np.ndarray], list[dict]]:
+    """inputs_embeds [1, seq, hidden] per calibration sample, through the FP32/FP16 vision and projector graphs."""
+    if spec.images is not None:
+        files = sorted(p for p in Path(spec.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        if not files:
+            raise MvlmError(f"--calib-images {spec.images}: no image files (.png, .jpg, .jpeg, .bmp, .webp)")
+        images = [(p.name, load_image(p)) for p in files]
+    else:
+        images = calibration_images()
+    pipeline = Pipeline(_StageBackend(artifacts, manifest))
+    encode = _tokenizer_encode(artifacts, manifest)
+    bos = int(manifest.model["bos_token_id"])
+    embeds, described = [], []
+    count = min(spec.max_samples, max(len(images), len(spec.texts)))
+    for i in range(count):
+        name, image = images[i % len(images)]
+        question, answer = spec.texts[i % len(spec.texts)]
+        progress(f"calibration sequence {i + 1}/{count}: {name}")
+        ids = tokenize_with_image(f"{build_prompt(question)} {answer}", encode, bos)
+        image_embeds = pipeline.image_embeds(preprocess_image(image))
+        sequence = pipeline.splice(ids, image_embeds)
+        embeds.append(np.asarray(sequence, np.float32))
+        described.append({"image": name, "question": question, "tokens": int(sequence.shape[1])})
+    return embeds, described
+
+
+def decoder_feed(embeds: np.ndarray, num_layers: int, kv_heads: int, head_dim: int, dtype) -> dict[str, np.ndarray]:
+    """A prefill (past = 0) feed of the decoder for one sequence."""
+    seq = embeds.shape[1]
+    feed = {
+        contract.DECODER_EMBEDS: embeds.astype(dtype),
+        contract.DECODER_MASK: np.ones((1, seq), np.int64),
+        contract.DECODER_POSITIONS: np.arange(seq, dtype=np.int64)[None],
+    }
+    empty = np.zeros((1, kv_heads, 0, head_dim), dtype)
+    feed.update({name: empty for name in contract.decoder_input_names(num_layers)[3:]})
+    return feed
+
+
+def instrumented_session(decoder_path: Path, tensors: Sequence[str]):
+    """An ORT session of the decoder that also returns `tensors` (graph outputs added in a copy
+    held in memory; the weights are read from the graph's own directory)."""
+    import onnxruntime as ort
+
+    graph = onnx.load(str(decoder_path), load_external_data=False)
+    elem = graph.graph.input[0].type.tensor_type.elem_type
+    existing = {o.name for o in graph.graph.output}
+    for name in tensors:
+        if name not in existing:
+            graph.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(decoder_path).parent))
+    blob = graph.SerializeToString()
+    del graph
+    return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+
+
+def collect(
+    artifacts: Path,
+    manifest: Manifest,
+    tensors: Sequence[str],
+    spec: CalibrationSpec,
+    extra_sequences: Sequence[np.ndarray] = (),
+    progress=lambda m: None,
+) -> Calibration:
+    """Run the (unquantized) decoder on the calibration sequences, capturing `tensors`; also the
+    logits of `extra_sequences` (the evaluation's FP32 reference), from the same session."""
+    model = manifest.model
+    layers, kv_heads, head_dim = int(model["num_layers"]), int(model["num_kv_heads"]), int(model["head_dim"])
+    embeds, described = calibration_sequences(artifacts, manifest, spec, progress)
+    progress("decoder: capturing the Linear inputs")
+    session = instrumented_session(manifest.graph_path(artifacts, "decoder"), tensors)
+    dtype = _ORT_TYPES[session.get_inputs()[0].type]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+    for sequence in embeds:
+        values = session.run(list(tensors), decoder_feed(sequence, layers, kv_heads, head_dim, dtype))
+        for name, value in zip(tensors, values):
+            parts[name].append(np.asarray(value, np.float32).reshape(-1, value.shape[-1]))
+    extra = []
+    for sequence in extra_sequences:
+        logits = session.run([contract.DECODER_LOGITS], decoder_feed(sequence, layers, kv_heads, head_dim, dtype))[0]
+        extra.append(np.asarray(logits, np.float32))
+    del session
+    captures = {name: np.concatenate(parts.pop(name)) for name in list(parts)}  # one tensor's copy at a time
+    return Calibration(captures, int(sum(e.shape[1] for e in embeds)), described, extra)

@@ -1,0 +1,114 @@
+"""Accuracy of (quantized) artifacts against the FP32 golden tensors, in ONNX Runtime (CPU).
+
+Per component: max/mean abs error, error relative to scale and cosine (verify.metrics.compare).
+Decoder, on a teacher-forced sequence (the golden prompt with its image embeddings followed by
+the 32 golden greedy tokens, one prefill): top-1 agreement and KL(reference || quantized) of
+the next-token distributions at every position, and on the 32 answer positions alone;
+greedy decoding of 32 tokens against the golden tokens (prefix match and total matches).
+The reference logits of the teacher-forced sequence are the FP32 decoder's (equal to the
+golden prefill logits to ~1e-6 on the prompt positions); without them only the prompt
+positions, whose golden logits exist, are scored for KL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mvlm_compile import contract
+from mvlm_compile.runtime.ort_backend import OrtBackend
+from mvlm_compile.runtime.pipeline import Pipeline
+from mvlm_compile.verify.components import TOLERANCES
+from mvlm_compile.verify.golden_io import load_component, load_generation
+from mvlm_compile.verify.metrics import compare
+
+GREEDY_TOKENS = 32
+
+
+def teacher_forced_embeds(golden: Path, embed_table: np.ndarray) -> tuple[np.ndarray, int, list[int]]:
+    """(inputs_embeds [1, prompt + 32, hidden], prompt length, golden generated ids)."""
+    feed, _ = load_component(golden, "decoder_prefill")
+    generated = list(load_generation(golden)["generated_ids"])
+    prompt = np.asarray(feed[contract.DECODER_EMBEDS], np.float32)
+    answer = np.asarray(embed_table[np.asarray(generated, np.int64)], np.float32)[None]
+    return np.concatenate([prompt, answer], axis=1), prompt.shape[1], generated
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def next_token_metrics(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement and KL(reference || got) over positions of [positions, vocab] logits."""
+    log_p, log_q = _log_softmax(reference), _log_softmax(got)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    return {
+        "positions": int(reference.shape[0]),
+        "top1_agreement": float(np.mean(reference.argmax(-1) == got.argmax(-1))),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "logits_cosine": compare(got, reference)["cosine"],
+    }
+
+
+def _prefill(pipeline: Pipeline, embeds: np.ndarray) -> np.ndarray:
+    feed = {
+        contract.DECODER_EMBEDS: embeds,
+        contract.DECODER_MASK: np.ones((1, embeds.shape[1]), np.int64),
+        contract.DECODER_POSITIONS: np.arange(embeds.shape[1], dtype=np.int64)[None],
+    }
+    feed.update(zip(contract.decoder_input_names(pipeline.num_layers)[3:], pipeline.empty_cache()))
+    return np.asarray(pipeline.backend.run("decoder", feed)[contract.DECODER_LOGITS][0], np.float32)
+
+
+def evaluate_artifacts(artifacts: Path, golden: Path, reference_logits: np.ndarray | None = None, progress=lambda m: None) -> dict:
+    """The accuracy record of an artifacts directory (any precision) against a golden directory."""
+    backend = OrtBackend(Path(artifacts))
+    result: dict = {"components": {}, "decoder": {}}
+    for component in ("vision", "projector", "decoder_prefill", "decoder_decode"):
+        progress(f"evaluating {component}")
+        graph = "decoder" if component.startswith("decoder") else component
+        dtype = backend.manifest.graphs[graph]["dtype"]
+        feed, expected = load_component(golden, component)
+        got = backend.run(graph, feed)
+        outputs = list(expected) if graph != "decoder" else [contract.DECODER_LOGITS]
+        for name in outputs:
+            metrics = compare(got[name], expected[name])
+            tolerance = TOLERANCES.get(dtype)
+            if tolerance:
+                metrics["passed"] = metrics["rel_to_scale"] <= tolerance["rel_to_scale"] and metrics["cosine"] >= tolerance["cosine"]
+            result["components"][f"{component}.{name}"] = {"dtype": dtype, **metrics}
+        if graph == "decoder":  # the KV cache outputs, summarised by the worst one
+            caches = {name: compare(got[name], expected[name]) for name in expected if name != contract.DECODER_LOGITS}
+            worst = max(caches, key=lambda n: caches[n]["rel_to_scale"])
+            result["components"][f"{component}.present.*"] = {
+                "dtype": dtype, **caches[worst], "cosine": min(m["cosine"] for m in caches.values()), "worst_output": worst
+            }
+
+    pipeline = Pipeline(backend)
+    embeds, prompt_len, generated = teacher_forced_embeds(golden, pipeline.embed_table)
+    progress("evaluating the teacher-forced sequence")
+    logits = _prefill(pipeline, embeds)
+    _, golden_prefill = load_component(golden, "decoder_prefill")
+    golden_logits = np.asarray(golden_prefill[contract.DECODER_LOGITS][0], np.float32)
+    decoder = result["decoder"]
+    decoder["prompt_positions"] = next_token_metrics(golden_logits, logits[:prompt_len])
+    answer = slice(prompt_len - 1, prompt_len - 1 + len(generated))  # positions that predict the golden tokens
+    decoder["answer_top1_vs_golden_tokens"] = float(np.mean(logits[answer].argmax(-1) == np.asarray(generated)))
+    if reference_logits is not None:
+        reference = np.asarray(reference_logits, np.float32).reshape(logits.shape)
+        decoder["teacher_forced"] = next_token_metrics(reference, logits)
+        decoder["answer_positions"] = next_token_metrics(reference[answer], logits[answer])
+    progress("evaluating greedy decoding")
+    tokens = pipeline.greedy(embeds[:, :prompt_len], len(generated))
+    prefix = next((i for i, (a, b) in enumerate(zip(tokens, generated)) if a != b), len(generated))
+    decoder["greedy"] = {
+        "tokens": tokens,
+        "prefix_match": prefix,
+        "total_match": int(sum(a == b for a, b in zip(tokens, generated))),
+        "of": len(generated),
+    }
+    return result
