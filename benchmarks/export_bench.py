@@ -11,22 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-
-def run_measured(args: list[str]) -> dict:
-    """Run `mvlm-compile ARGS` in a child process: wall seconds and peak RSS in GiB."""
-    started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "mvlm_compile.cli", *args])
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"mvlm-compile {' '.join(args)} failed with status {code}")
-    return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+from measure import mvlm_compile, run_measured
 
 
 def _size_gib(directory: Path) -> float:
@@ -45,9 +32,9 @@ def main() -> None:
     artifacts = opts.workdir / f"{opts.preset}-{opts.dtype}-artifacts"
     results: dict = {"preset": opts.preset, "dtype": opts.dtype, "cpus": os.cpu_count()}
     if not (checkpoint / "config.json").exists():
-        results["synth"] = run_measured(["synth", "--preset", opts.preset, "--out", str(checkpoint)])
+        results["synth"] = run_measured(mvlm_compile("synth", "--preset", opts.preset, "--out", str(checkpoint)))
     results["export"] = run_measured(
-        ["export", "--checkpoint", str(checkpoint), "--out", str(artifacts), "--dtype", opts.dtype]
+        mvlm_compile("export", "--checkpoint", str(checkpoint), "--out", str(artifacts), "--dtype", opts.dtype)
     )
     results["checkpoint_gib"] = _size_gib(checkpoint)
     results["artifacts_gib"] = _size_gib(artifacts)

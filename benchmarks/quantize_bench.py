@@ -18,26 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def run_measured(argv: list[str]) -> dict:
-    """A child process: wall seconds and peak RSS in GiB."""
-    started = time.perf_counter()
-    child = subprocess.Popen(argv)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"{' '.join(argv)} failed with status {code}")
-    return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mvlm_compile.cli", *args]
+from measure import mvlm_compile, run_measured
 
 
 def child_quantize(artifacts: Path, out: Path, golden: Path, run: str, result: Path) -> None:
@@ -120,11 +105,11 @@ def main() -> None:
     results: dict = {"preset": opts.preset, "cpus": os.cpu_count(), "runs": {}}
     if not (artifacts / "manifest.json").exists() or not (golden / "manifest.json").exists():
         if not (checkpoint / "config.json").exists():
-            results["synth"] = run_measured(cli("synth", "--preset", opts.preset, "--out", str(checkpoint)))
+            results["synth"] = run_measured(mvlm_compile("synth", "--preset", opts.preset, "--out", str(checkpoint)))
     if not (golden / "manifest.json").exists():
-        results["golden"] = run_measured(cli("golden", "--checkpoint", str(checkpoint), "--out", str(golden)))
+        results["golden"] = run_measured(mvlm_compile("golden", "--checkpoint", str(checkpoint), "--out", str(golden)))
     if not (artifacts / "manifest.json").exists():
-        results["export"] = run_measured(cli("export", "--checkpoint", str(checkpoint), "--out", str(artifacts), "--dtype", "fp32"))
+        results["export"] = run_measured(mvlm_compile("export", "--checkpoint", str(checkpoint), "--out", str(artifacts), "--dtype", "fp32"))
     results["fp32_decoder_gib"] = _size_gib(artifacts / "decoder.onnx")
 
     me = str(Path(__file__).resolve())

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from mvlm_compile import __version__
-from mvlm_compile.errors import EXIT_INPUT_ERROR, MvlmError
+from mvlm_compile.errors import MvlmError
 
 EXIT_STATUS_HELP = """Exit status: 0 success; 1 numerical failure (verify); 2 usage or input error;
 3 engines not built here (bundle prepared for the target)."""

@@ -25,6 +25,23 @@ def load_model(path: Path, load_weights: bool = True) -> onnx.ModelProto:
         raise ArtifactError(f"{path}: not a readable ONNX graph ({type(e).__name__}: {e})") from None
 
 
+def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
+    """Names, element types and symbolic shapes of a saved graph's inputs and outputs (for manifests)."""
+    graph = load_model(path, load_weights=False).graph
+
+    def describe(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return describe(graph.input), describe(graph.output)
+
+
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the initializers (ModelProto.ByteSize() itself fails past 2 GB)."""
     total = 0

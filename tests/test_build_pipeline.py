@@ -82,3 +82,29 @@ def test_bundle_or_checkpoint_is_required(tmp_path):
     assert result.exit_code == 2 and "give either BUNDLE_DIR or --checkpoint" in result.output
     result = CliRunner().invoke(cli, ["build", "--target", "orin-nx-16gb", str(tmp_path)])
     assert result.exit_code != 0 and "neither a bundle" in str(result.exception)
+
+
+def test_the_target_side_never_imports_torch_or_transformers(bundle, tmp_path):
+    """build (from the bundle), verify and run as on a JetPack without torch/transformers."""
+    import subprocess
+    import sys
+
+    out, _ = bundle
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ImportError(f'{name} is not installed on this Jetson')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from mvlm_compile.cli import main\n"
+        "main()\n"
+    )
+    commands = [
+        (["build", "--target", "orin-nx-16gb", str(out)], EXIT_ENGINES_DEFERRED),
+        (["verify", str(out), "--golden", str(out / "golden")], 0),
+        (["run", "--artifacts", str(out), "--image", str(out / "golden" / "image.png"), "--prompt", "What is it?", "--max-new-tokens", "4"], 0),
+    ]
+    for args, status in commands:
+        done = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True)
+        assert done.returncode == status, (args, done.stderr[-2000:])

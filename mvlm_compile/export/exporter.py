@@ -26,7 +26,7 @@ from mvlm_compile.model.config import IMAGE_TOKEN_INDEX, POOLED_GRID
 from mvlm_compile.model.golden import checkpoint_fingerprint
 from mvlm_compile.model.loader import load_checkpoint
 from mvlm_compile.model.tokenizer import load_tokenizer
-from mvlm_compile.onnx_io import save_model, save_with_streamed_weights
+from mvlm_compile.onnx_io import graph_io, save_model, save_with_streamed_weights
 from mvlm_compile.recipes import recipe_for
 
 OPSET = 21
@@ -61,23 +61,6 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
             save_model(model, path)
     finally:
         shutil.rmtree(scratch)
-
-
-def _io(model_path: Path) -> tuple[list[dict], list[dict]]:
-    """Names, element types and symbolic shapes of a saved graph, for the manifest."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-
-    def describe(values):
-        return [
-            {
-                "name": v.name,
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
-            }
-            for v in values
-        ]
-
-    return describe(graph.input), describe(graph.output)
 
 
 def export_artifacts(
@@ -172,7 +155,7 @@ def export_artifacts(
         tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         manifest.files = {"embed_tokens": "embed_tokens.npy", "tokenizer": "tokenizer.json"}
         for name in ("vision", "projector", "decoder"):
-            manifest.record_graph(tmp, name, f"{name}.onnx", dtype, *_io(tmp / f"{name}.onnx"))
+            manifest.record_graph(tmp, name, f"{name}.onnx", dtype, *graph_io(tmp / f"{name}.onnx"))
         manifest.stages["export"] = {
             "dtype": dtype,
             "opset": OPSET,

@@ -24,7 +24,7 @@ import onnx
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.fileio import atomic_output_dir
 from mvlm_compile.manifest import load_manifest
-from mvlm_compile.onnx_io import load_model, save_model
+from mvlm_compile.onnx_io import graph_io, load_model, save_model
 from mvlm_compile.quantize import calibration as calib
 from mvlm_compile.quantize.decoder import AlreadyQuantizedError, find_linears, int4_weights, quantize_decoder
 from mvlm_compile.quantize.fp16 import convert_to_fp16
@@ -98,22 +98,6 @@ class QuantizeReport:
             g = d["greedy"]
             lines.append(f"decoder greedy: {g['prefix_match']}/{g['of']} prefix match, {g['total_match']}/{g['of']} total")
         return "\n".join(lines)
-
-
-def _io(path: Path) -> tuple[list[dict], list[dict]]:
-    graph = onnx.load(str(path), load_external_data=False).graph
-
-    def describe(values):
-        return [
-            {
-                "name": v.name,
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
-            }
-            for v in values
-        ]
-
-    return describe(graph.input), describe(graph.output)
 
 
 def _graph_bytes(path: Path) -> int:
@@ -262,7 +246,7 @@ def quantize_artifacts(
                         os.replace(staged, dest / (file + suffix))
                     elif suffix:
                         (dest / (file + suffix)).unlink(missing_ok=True)
-                manifest.record_graph(dest, name, file, graphs[name]["dtype"], *_io(dest / file))
+                manifest.record_graph(dest, name, file, graphs[name]["dtype"], *graph_io(dest / file))
             seconds["total"] = round(time.perf_counter() - started, 1)
             manifest.stages["quantize"] = {
                 "decoder": decoder,
