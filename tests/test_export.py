@@ -101,3 +101,20 @@ def test_interrupted_export_leaves_no_output(tiny_checkpoint, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         export_artifacts(tiny_checkpoint, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_polygraphy_run_compares_a_graph_with_golden_as_is(tiny_artifacts):
+    """The golden files are Polygraphy's own format: its CLI loads and compares them unchanged."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    done = subprocess.run(
+        [str(polygraphy), "run", str(tiny_artifacts / "projector.onnx"), "--onnxrt",
+         "--load-inputs", str(GOLDEN_TINY / "projector.inputs.json"),
+         "--load-outputs", str(GOLDEN_TINY / "projector.outputs.json"), "--atol", "1e-5", "--rtol", "1e-4"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "PASSED" in done.stdout + done.stderr

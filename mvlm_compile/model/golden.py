@@ -21,6 +21,7 @@ from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import save_json
 
 from mvlm_compile import __version__, contract
+from mvlm_compile.errors import MvlmError
 from mvlm_compile.fileio import atomic_output_dir, sha256_file, write_json
 from mvlm_compile.model.loader import load_checkpoint
 from mvlm_compile.model.preprocess import golden_image, preprocess_image
@@ -80,7 +81,10 @@ def write_golden(
     inputs_embeds = model.splice_image(input_ids, image_embeds)
     seq = inputs_embeds.shape[1]
     if seq + max_new_tokens > cfg.max_context:
-        raise ValueError(f"prompt of {seq} tokens + {max_new_tokens} new tokens exceeds the context {cfg.max_context}")
+        raise MvlmError(
+            f"{cfg.path}: the golden prompt ({seq} tokens with the image) + {max_new_tokens} new tokens "
+            f"exceed max_position_embeddings {cfg.max_context}"
+        )
 
     empty_kv = torch.zeros(1, cfg.num_kv_heads, 0, cfg.head_dim)
     prefill_in = {
