@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mvlm_compile import __version__
 from mvlm_compile.errors import ArtifactError
 from mvlm_compile.fileio import sha256_file, write_json
@@ -48,6 +50,13 @@ class Manifest:
         if name not in self.graphs:
             raise ArtifactError(f"{Path(directory) / MANIFEST_NAME}: no graph {name!r} (has {sorted(self.graphs)})")
         return Path(directory) / self.graphs[name]["file"]
+
+    def input_dtype(self, graph: str, name: str) -> type:
+        """NumPy type of a graph input, as recorded when the graph was written (no session needed)."""
+        for item in self.graphs[graph]["inputs"]:
+            if item["name"] == name:
+                return np.dtype(item["dtype"]).type
+        raise ArtifactError(f"{MANIFEST_NAME}: graph {graph!r} has no input {name!r}")
 
     def record_graph(self, directory: Path, name: str, file: str, dtype: str, inputs: list, outputs: list) -> None:
         self.graphs[name] = {

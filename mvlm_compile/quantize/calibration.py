@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import onnx
 from PIL import Image, ImageOps
 
 from mvlm_compile import contract
@@ -23,8 +22,8 @@ from mvlm_compile.errors import ArtifactError, MvlmError
 from mvlm_compile.manifest import Manifest
 from mvlm_compile.model.preprocess import golden_image, load_image, preprocess_image
 from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
-from mvlm_compile.runtime.ort_backend import _ORT_TYPES, ort_session
-from mvlm_compile.runtime.pipeline import Pipeline
+from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session
+from mvlm_compile.runtime.pipeline import Pipeline, decoder_feed
 
 # (question, answer): the answer text makes the calibration see assistant-side positions too.
 CALIBRATION_TEXTS = (
@@ -84,32 +83,6 @@ class Calibration:
     extra_logits: list[np.ndarray] = field(default_factory=list)  # FP32 logits of extra sequences
 
 
-class _StageBackend:
-    """The Pipeline's backend for vision/projector only (the decoder session is not opened:
-    at 1.7B it is 5.6 GB, and calibration runs its own instrumented decoder)."""
-
-    name = "ort"
-
-    def __init__(self, artifacts: Path, manifest: Manifest) -> None:
-        self.artifacts = Path(artifacts)
-        self.manifest = manifest
-        self._sessions: dict = {}
-
-    def input_dtype(self, graph: str, name: str) -> type:
-        for item in self.manifest.graphs[graph]["inputs"]:
-            if item["name"] == name:
-                return np.dtype(item["dtype"]).type
-        raise ArtifactError(f"{graph}: no input {name!r} in the manifest")
-
-    def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if graph not in self._sessions:
-            self._sessions[graph] = ort_session(self.manifest.graph_path(self.artifacts, graph))
-        session = self._sessions[graph]
-        cast = {i.name: np.asarray(feed[i.name], dtype=_ORT_TYPES[i.type]) for i in session.get_inputs()}
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, cast)))
-
-
 def _tokenizer_encode(artifacts: Path, manifest: Manifest) -> Callable[[str], list[int]]:
     from tokenizers import Tokenizer
 
@@ -130,7 +103,9 @@ def calibration_sequences(artifacts: Path, manifest: Manifest, spec: Calibration
         images = [(p.name, load_image(p)) for p in files]
     else:
         images = calibration_images()
-    pipeline = Pipeline(_StageBackend(artifacts, manifest))
+    # Only vision and projector sessions open here: the decoder (5.6 GB at 1.7B FP32) is run
+    # by collect() with its Linear inputs exposed.
+    pipeline = Pipeline(OrtBackend(artifacts, manifest))
     encode = _tokenizer_encode(artifacts, manifest)
     bos = int(manifest.model["bos_token_id"])
     embeds, described = [], []
@@ -147,37 +122,6 @@ def calibration_sequences(artifacts: Path, manifest: Manifest, spec: Calibration
     return embeds, described
 
 
-def decoder_feed(embeds: np.ndarray, num_layers: int, kv_heads: int, head_dim: int, dtype) -> dict[str, np.ndarray]:
-    """A prefill (past = 0) feed of the decoder for one sequence."""
-    seq = embeds.shape[1]
-    feed = {
-        contract.DECODER_EMBEDS: embeds.astype(dtype),
-        contract.DECODER_MASK: np.ones((1, seq), np.int64),
-        contract.DECODER_POSITIONS: np.arange(seq, dtype=np.int64)[None],
-    }
-    empty = np.zeros((1, kv_heads, 0, head_dim), dtype)
-    feed.update({name: empty for name in contract.decoder_input_names(num_layers)[3:]})
-    return feed
-
-
-def instrumented_session(decoder_path: Path, tensors: Sequence[str]):
-    """An ORT session of the decoder that also returns `tensors` (graph outputs added in a copy
-    held in memory; the weights are read from the graph's own directory)."""
-    import onnxruntime as ort
-
-    graph = onnx.load(str(decoder_path), load_external_data=False)
-    elem = graph.graph.input[0].type.tensor_type.elem_type
-    existing = {o.name for o in graph.graph.output}
-    for name in tensors:
-        if name not in existing:
-            graph.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(decoder_path).parent))
-    blob = graph.SerializeToString()
-    del graph
-    return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
-
-
 def collect(
     artifacts: Path,
     manifest: Manifest,
@@ -188,20 +132,21 @@ def collect(
 ) -> Calibration:
     """Run the (unquantized) decoder on the calibration sequences, capturing `tensors`; also the
     logits of `extra_sequences` (the evaluation's FP32 reference), from the same session."""
-    model = manifest.model
-    layers, kv_heads, head_dim = int(model["num_layers"]), int(model["num_kv_heads"]), int(model["head_dim"])
     embeds, described = calibration_sequences(artifacts, manifest, spec, progress)
     progress("decoder: capturing the Linear inputs")
-    session = instrumented_session(manifest.graph_path(artifacts, "decoder"), tensors)
-    dtype = _ORT_TYPES[session.get_inputs()[0].type]
+    session = ort_session(manifest.graph_path(artifacts, "decoder"), extra_outputs=tensors)
+    dtype = manifest.input_dtype("decoder", contract.DECODER_EMBEDS)
+    empty = [np.zeros((1, int(manifest.model["num_kv_heads"]), 0, int(manifest.model["head_dim"])), dtype)] * (
+        2 * int(manifest.model["num_layers"])
+    )
     parts: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
     for sequence in embeds:
-        values = session.run(list(tensors), decoder_feed(sequence, layers, kv_heads, head_dim, dtype))
+        values = session.run(list(tensors), decoder_feed(sequence.astype(dtype), empty))
         for name, value in zip(tensors, values):
             parts[name].append(np.asarray(value, np.float32).reshape(-1, value.shape[-1]))
     extra = []
     for sequence in extra_sequences:
-        logits = session.run([contract.DECODER_LOGITS], decoder_feed(sequence, layers, kv_heads, head_dim, dtype))[0]
+        logits = session.run([contract.DECODER_LOGITS], decoder_feed(sequence.astype(dtype), empty))[0]
         extra.append(np.asarray(logits, np.float32))
     del session
     captures = {name: np.concatenate(parts.pop(name)) for name in list(parts)}  # one tensor's copy at a time

@@ -18,10 +18,10 @@ import numpy as np
 
 from mvlm_compile import contract
 from mvlm_compile.runtime.ort_backend import OrtBackend
-from mvlm_compile.runtime.pipeline import Pipeline
-from mvlm_compile.verify.components import TOLERANCES
+from mvlm_compile.runtime.pipeline import Pipeline, decoder_feed
+from mvlm_compile.verify.components import GRAPH_OF_COMPONENT, check_components
 from mvlm_compile.verify.golden_io import load_component, load_generation
-from mvlm_compile.verify.metrics import compare
+from mvlm_compile.verify.metrics import compare, greedy_agreement
 
 GREEDY_TOKENS = 32
 
@@ -54,44 +54,31 @@ def next_token_metrics(reference: np.ndarray, got: np.ndarray) -> dict[str, floa
     }
 
 
-def _prefill(pipeline: Pipeline, embeds: np.ndarray) -> np.ndarray:
-    feed = {
-        contract.DECODER_EMBEDS: embeds,
-        contract.DECODER_MASK: np.ones((1, embeds.shape[1]), np.int64),
-        contract.DECODER_POSITIONS: np.arange(embeds.shape[1], dtype=np.int64)[None],
-    }
-    feed.update(zip(contract.decoder_input_names(pipeline.num_layers)[3:], pipeline.empty_cache()))
-    return np.asarray(pipeline.backend.run("decoder", feed)[contract.DECODER_LOGITS][0], np.float32)
-
-
 def evaluate_artifacts(artifacts: Path, golden: Path, reference_logits: np.ndarray | None = None, progress=lambda m: None) -> dict:
     """The accuracy record of an artifacts directory (any precision) against a golden directory."""
     backend = OrtBackend(Path(artifacts))
     result: dict = {"components": {}, "decoder": {}}
-    for component in ("vision", "projector", "decoder_prefill", "decoder_decode"):
-        progress(f"evaluating {component}")
-        graph = "decoder" if component.startswith("decoder") else component
-        dtype = backend.manifest.graphs[graph]["dtype"]
-        feed, expected = load_component(golden, component)
-        got = backend.run(graph, feed)
-        outputs = list(expected) if graph != "decoder" else [contract.DECODER_LOGITS]
-        for name in outputs:
-            metrics = compare(got[name], expected[name])
-            tolerance = TOLERANCES.get(dtype)
-            if tolerance:
-                metrics["passed"] = metrics["rel_to_scale"] <= tolerance["rel_to_scale"] and metrics["cosine"] >= tolerance["cosine"]
-            result["components"][f"{component}.{name}"] = {"dtype": dtype, **metrics}
-        if graph == "decoder":  # the KV cache outputs, summarised by the worst one
-            caches = {name: compare(got[name], expected[name]) for name in expected if name != contract.DECODER_LOGITS}
-            worst = max(caches, key=lambda n: caches[n]["rel_to_scale"])
-            result["components"][f"{component}.present.*"] = {
-                "dtype": dtype, **caches[worst], "cosine": min(m["cosine"] for m in caches.values()), "worst_output": worst
-            }
+    progress("evaluating vision, projector and the decoder's prefill and decode step")
+    checks = check_components(backend, golden)
+    for check in checks:
+        if check.output.startswith("present."):
+            continue
+        dtype = backend.manifest.graphs[GRAPH_OF_COMPONENT[check.component]]["dtype"]
+        result["components"][f"{check.component}.{check.output}"] = {"dtype": dtype, **check.metrics, "passed": check.passed}
+    for component in ("decoder_prefill", "decoder_decode"):  # the KV cache outputs, summarised by the worst one
+        caches = [c for c in checks if c.component == component and c.output.startswith("present.")]
+        worst = max(caches, key=lambda c: c.metrics["rel_to_scale"])
+        result["components"][f"{component}.present.*"] = {
+            "dtype": backend.manifest.graphs["decoder"]["dtype"],
+            **worst.metrics,
+            "cosine": min(c.metrics["cosine"] for c in caches),
+            "worst_output": worst.output,
+        }
 
     pipeline = Pipeline(backend)
     embeds, prompt_len, generated = teacher_forced_embeds(golden, pipeline.embed_table)
     progress("evaluating the teacher-forced sequence")
-    logits = _prefill(pipeline, embeds)
+    logits = np.asarray(pipeline.backend.run("decoder", decoder_feed(embeds, pipeline.empty_cache()))[contract.DECODER_LOGITS][0], np.float32)
     _, golden_prefill = load_component(golden, "decoder_prefill")
     golden_logits = np.asarray(golden_prefill[contract.DECODER_LOGITS][0], np.float32)
     decoder = result["decoder"]
@@ -104,11 +91,11 @@ def evaluate_artifacts(artifacts: Path, golden: Path, reference_logits: np.ndarr
         decoder["answer_positions"] = next_token_metrics(reference[answer], logits[answer])
     progress("evaluating greedy decoding")
     tokens = pipeline.greedy(embeds[:, :prompt_len], len(generated))
-    prefix = next((i for i, (a, b) in enumerate(zip(tokens, generated)) if a != b), len(generated))
+    agreement = greedy_agreement(tokens, generated)
     decoder["greedy"] = {
         "tokens": tokens,
-        "prefix_match": prefix,
-        "total_match": int(sum(a == b for a, b in zip(tokens, generated))),
-        "of": len(generated),
+        "prefix_match": agreement["prefix"],
+        "total_match": agreement["matching"],
+        "of": agreement["total"],
     }
     return result

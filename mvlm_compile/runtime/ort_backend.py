@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import onnx
 
 from mvlm_compile.manifest import Manifest, load_manifest
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
-def ort_session(path: Path, threads: int = 0):
+def ort_session(path: Path, threads: int = 0, extra_outputs: Sequence[str] = ()):
     """A CPU session. INT4 MatMulNBits runs with FP32 activations (accuracy level 0): the default
     int8 activations cost about 0.5% relative error, too much for verification. A graph with
     nodes in the ai.onnx.contrib domain (the MvlmPEG plugin node) gets onnxruntime-extensions
-    and the op's NumPy reference."""
+    and the op's NumPy reference. `extra_outputs` exposes intermediate tensors as outputs too
+    (in a copy held in memory; external weights are still read from the graph's directory)."""
     import onnxruntime as ort
 
     from mvlm_compile.surgery.peg_reference import ort_model_source
@@ -23,7 +26,15 @@ def ort_session(path: Path, threads: int = 0):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(ort_model_source(path, options), options, providers=["CPUExecutionProvider"])
+    source = ort_model_source(path, options)
+    if extra_outputs:
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+        known = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra_outputs if name not in known)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
+        source = model.SerializeToString()
+        del model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 class OrtBackend:
@@ -40,8 +51,7 @@ class OrtBackend:
         return self._sessions[graph]
 
     def input_dtype(self, graph: str, name: str) -> type:
-        types = {i.name: i.type for i in self._session(graph).get_inputs()}
-        return _ORT_TYPES[types[name]]
+        return self.manifest.input_dtype(graph, name)
 
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a graph; inputs are cast to the graph's input types (FP16 graphs take FP32 feeds)."""

@@ -23,6 +23,19 @@ class Backend(Protocol):
     def input_dtype(self, graph: str, name: str) -> type: ...
 
 
+def decoder_feed(embeds: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The decoder's inputs for `embeds` [batch, seq, hidden] after `past` (k, v per layer)."""
+    batch, seq = embeds.shape[:2]
+    past_len = past[0].shape[2]
+    feed = {
+        contract.DECODER_EMBEDS: embeds,
+        contract.DECODER_MASK: np.ones((batch, past_len + seq), np.int64),
+        contract.DECODER_POSITIONS: np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0),
+    }
+    feed.update(zip(contract.decoder_input_names(len(past) // 2)[3:], past))
+    return feed
+
+
 class Pipeline:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -53,15 +66,7 @@ class Pipeline:
 
     def step(self, embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: logits of the last position, and the grown cache."""
-        batch, seq = embeds.shape[:2]
-        past_len = past[0].shape[2]
-        feed = {
-            contract.DECODER_EMBEDS: embeds,
-            contract.DECODER_MASK: np.ones((batch, past_len + seq), np.int64),
-            contract.DECODER_POSITIONS: np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0),
-        }
-        feed.update(zip(contract.decoder_input_names(self.num_layers)[3:], past))
-        out = self.backend.run("decoder", feed)
+        out = self.backend.run("decoder", decoder_feed(embeds, past))
         present = [out[name] for name in contract.decoder_output_names(self.num_layers)[1:]]
         return out[contract.DECODER_LOGITS][:, -1].astype(np.float32), present
 

@@ -21,8 +21,6 @@ from mvlm_compile.errors import ArtifactError, MvlmError
 from mvlm_compile.fileio import sha256_file
 from mvlm_compile.manifest import Manifest, load_manifest
 
-_NP_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
-
 
 def check_engines_record(engines_dir: Path, trt, gpu, plugin_path: Path) -> dict:
     """engines.json must match this TensorRT, GPU and plugin: engines are not portable."""
@@ -68,18 +66,15 @@ class TrtBackend:
                 runner = TrtRunner(self._engines[name], optimization_profile=profile)
                 runner.activate()
                 self._runners[(name, profile)] = runner
-        self._input_types = {
-            name: {i["name"]: _NP_TYPES[i["dtype"]] for i in engine["inputs"]} for name, engine in self.record["engines"].items()
-        }
 
     def input_dtype(self, graph: str, name: str) -> type:
-        return self._input_types[graph][name]
+        return self.manifest.input_dtype(graph, name)
 
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         profile = 0
         if graph == "decoder":
             profile = DECODE_PROFILE if feed[contract.DECODER_EMBEDS].shape[1] == 1 and feed[contract.past_names(0)[0]].shape[2] > 0 else PREFILL_PROFILE
-        cast = {k: np.ascontiguousarray(v, dtype=self._input_types[graph][k]) for k, v in feed.items()}
+        cast = {k: np.ascontiguousarray(v, dtype=self.input_dtype(graph, k)) for k, v in feed.items()}
         return dict(self._runners[(graph, profile)].infer(cast))
 
     def close(self) -> None:

@@ -8,53 +8,39 @@ tolerance names the node where precision was lost.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from mvlm_compile.onnx_io import load_model, save_model
+from mvlm_compile.onnx_io import load_model
 from mvlm_compile.runtime.ort_backend import ort_session
 from mvlm_compile.verify.metrics import compare
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str], directory: Path, file: str) -> Path:
-    known = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in known:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    path = directory / file
-    save_model(model, path)
-    return path
 
 
 def first_divergence(
     candidate: Path, reference: Path, feed: dict[str, np.ndarray], tolerance: dict[str, float]
 ) -> dict | None:
     """{node, op_type, tensor, metrics} of the first intermediate beyond `tolerance`, or None."""
-    model, ref = load_model(candidate), load_model(reference)
+    model, ref = load_model(candidate, load_weights=False), load_model(reference, load_weights=False)
     ref_tensors = {out for node in ref.graph.node for out in node.output}
     # Constants are not computations (and mask fills like -3.4e38 differ by dtype on purpose).
     order = [
-        (node, out)
+        (node.name, node.op_type, out)
         for node in model.graph.node
         if node.op_type not in ("Constant", "ConstantOfShape")
         for out in node.output
         if out and out in ref_tensors
     ]
-    names = [out for _, out in order]
-    with tempfile.TemporaryDirectory() as tmp:
-        a = ort_session(_with_outputs(model, names, Path(tmp), "candidate.onnx"))
-        b = ort_session(_with_outputs(ref, names, Path(tmp), "reference.onnx"))
+    names = [out for *_, out in order]
 
-        def run(session):
-            types = {i.name: i.type for i in session.get_inputs()}
-            cast = {k: v.astype(np.float16 if types[k] == "tensor(float16)" else v.dtype) for k, v in feed.items() if k in types}
-            return dict(zip([o.name for o in session.get_outputs()], session.run(None, cast)))
+    def run(path: Path) -> dict[str, np.ndarray]:
+        session = ort_session(path, extra_outputs=names)
+        types = {i.name: i.type for i in session.get_inputs()}
+        cast = {k: v.astype(np.float16 if types[k] == "tensor(float16)" else v.dtype) for k, v in feed.items() if k in types}
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, cast)))
 
-        got, expected = run(a), run(b)
-    for node, name in order:
+    got, expected = run(candidate), run(reference)
+    for node, op_type, name in order:
         x, y = got.get(name), expected.get(name)
         if x is None or y is None or x.shape != y.shape or not np.issubdtype(y.dtype, np.floating):
             continue
@@ -62,5 +48,5 @@ def first_divergence(
             continue
         metrics = compare(x, y)
         if metrics["rel_to_scale"] > tolerance["rel_to_scale"] or metrics["cosine"] < tolerance["cosine"]:
-            return {"node": node.name, "op_type": node.op_type, "tensor": name, "metrics": metrics}
+            return {"node": node, "op_type": op_type, "tensor": name, "metrics": metrics}
     return None

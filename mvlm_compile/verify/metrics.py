@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def greedy_agreement(tokens: list[int], golden: list[int]) -> dict[str, int]:
+    """How far `tokens` follow the golden greedy tokens: matching prefix and matching positions."""
+    prefix = next((i for i, (a, b) in enumerate(zip(tokens, golden)) if a != b), min(len(tokens), len(golden)))
+    return {"prefix": prefix, "matching": sum(a == b for a, b in zip(tokens, golden)), "total": len(golden)}
+
+
 def compare(got: np.ndarray, expected: np.ndarray) -> dict[str, float]:
     """max/mean abs error, max error relative to the golden tensor's scale (max |x|), cosine."""
     if got.shape != expected.shape:

@@ -15,6 +15,7 @@ from pathlib import Path
 from mvlm_compile import contract
 from mvlm_compile.verify.components import GRAPH_OF_COMPONENT, TOLERANCES, OutputCheck, check_components
 from mvlm_compile.verify.golden_io import load_component, load_generation
+from mvlm_compile.verify.metrics import greedy_agreement
 
 
 
@@ -88,15 +89,13 @@ def greedy_check(backend, golden_dir: Path, required_prefix: int) -> dict:
     embeds = pipeline.splice(generation["input_ids"], pipeline.image_embeds(feed[contract.VISION_INPUT]))
     golden = generation["generated_ids"]
     tokens = pipeline.greedy(embeds, len(golden))
-    prefix = next((i for i, (a, b) in enumerate(zip(tokens, golden)) if a != b), len(golden))
+    agreement = greedy_agreement(tokens, golden)
     return {
         "tokens": tokens,
         "golden": golden,
-        "matching": sum(a == b for a, b in zip(tokens, golden)),
-        "prefix": prefix,
-        "total": len(golden),
+        **agreement,
         "required_prefix": required_prefix,
-        "passed": prefix >= required_prefix,
+        "passed": agreement["prefix"] >= required_prefix,
     }
 
 
