@@ -23,19 +23,23 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file in the same directory, then rename)."""
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 @contextlib.contextmanager

@@ -8,14 +8,13 @@ parsing; a persistent timing cache makes rebuilds fast.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
 from mvlm_compile.errors import MvlmError
+from mvlm_compile.fileio import write_bytes
 
 MIN_TENSORRT = (10, 3)
 
@@ -73,12 +72,6 @@ def build_serialized_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"{spec.onnx_path}: TensorRT could not build the {spec.name} engine (see its log above)")
-    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -22,7 +22,7 @@ from mvlm_compile.build.gpu import query_gpu
 from mvlm_compile.build.plan import BuildSettings, Geometry, MemoryPlan, check_fits, optimization_profiles, plan_memory
 from mvlm_compile.build.plugin import PEG_DIR, find_plugin_library, load_plugin_library
 from mvlm_compile.errors import ArtifactError, MvlmError
-from mvlm_compile.fileio import sha256_file, write_json
+from mvlm_compile.fileio import sha256_file, write_bytes, write_json
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest, keep_reference, load_manifest
 from mvlm_compile.recipes import Recipe, Target, load_recipe, load_target
 
@@ -255,9 +255,7 @@ def build_engines(trt, gpu, artifacts: Path, engines_dir: Path, target: Target, 
         spec = EngineSpec(name, manifest.graph_path(artifacts, name), profiles[name], plan.workspace)
         data = build_serialized_engine(trt, spec, timing_cache, progress)
         file = f"{name}.engine"
-        tmp = engines_dir / f".{file}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(engines_dir / file)
+        write_bytes(engines_dir / file, data)
         engines[name] = {
             "file": file,
             "sha256": sha256_file(engines_dir / file),

@@ -175,7 +175,8 @@ def quantize_artifacts(
     report_linears: list[dict] = []
     calibration_record: dict = {}
     reference_logits = None
-    staging = Path(tempfile.mkdtemp(dir=(out or src).absolute().parent if out else src, prefix=".quantize.", suffix=".tmp"))
+    # Staged beside where the files end up, so that the final os.replace stays on one filesystem.
+    staging = Path(tempfile.mkdtemp(dir=Path(out).absolute().parent if out else src, prefix=".quantize.", suffix=".tmp"))
     try:
         new_files: dict[str, str] = {}  # graph -> file written in staging
         if decoder == "int4":
