@@ -10,7 +10,7 @@ DEMO_DIR ?= build/demo
 DEMO_TARGET ?= orin-agx-64gb
 BENCH_DIR ?= build/bench
 
-.PHONY: demo test bench plugin golden clean
+.PHONY: demo test lint-fix bench plugin golden clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,14 +22,22 @@ $(STAMP): pyproject.toml constraints/ci.txt
 # graphs in ONNX Runtime.
 demo: $(STAMP)
 	$(BIN)/mvlm-compile synth --preset tiny --seed 0 --out $(DEMO_DIR)/checkpoint
-	status=0; $(BIN)/mvlm-compile build --target $(DEMO_TARGET) --checkpoint $(DEMO_DIR)/checkpoint --out $(DEMO_DIR)/bundle || status=$$?; \
+	status=0; $(BIN)/mvlm-compile build $(DEMO_DIR)/checkpoint --target $(DEMO_TARGET) --out $(DEMO_DIR)/bundle || status=$$?; \
 	  test $$status -eq 0 -o $$status -eq 3
 	$(BIN)/mvlm-compile verify $(DEMO_DIR)/bundle --golden $(DEMO_DIR)/bundle/golden --report $(DEMO_DIR)/verify.json
-	$(BIN)/mvlm-compile run --artifacts $(DEMO_DIR)/bundle --image $(DEMO_DIR)/bundle/golden/image.png \
+	$(BIN)/mvlm-compile run $(DEMO_DIR)/bundle --image $(DEMO_DIR)/bundle/golden/image.png \
 	  --prompt "What is in the image?" --max-new-tokens 16 --stream
 
+# The linter is part of the suite: format and lint (ruff, settings in pyproject.toml), then pytest.
 test: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Apply ruff's formatting and safe fixes.
+lint-fix: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # Full-size synthetic 1.7B: export time/memory, quantization accuracy/time/memory, and
 # ONNX Runtime (INT4) vs PyTorch eager speed. Long (tens of minutes) and ~20 GB of disk.
@@ -37,7 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/export_bench.py --preset mobilevlm-v2-1.7b --dtype fp32 --workdir $(BENCH_DIR)
 	$(BIN)/python benchmarks/quantize_bench.py --preset mobilevlm-v2-1.7b --workdir $(BENCH_DIR)
 	$(BIN)/mvlm-compile bench $(BENCH_DIR)/mobilevlm-v2-1.7b-int4-awq --checkpoint $(BENCH_DIR)/mobilevlm-v2-1.7b-checkpoint \
-	  --json $(BENCH_DIR)/runtime_bench-1.7b.json
+	  --report $(BENCH_DIR)/runtime_bench-1.7b.json
 	$(BIN)/python benchmarks/peg_kernel_bench.py || echo "peg_kernel_bench: needs a CUDA GPU"
 
 # Regenerate the committed golden tensors of the tiny model (after a deliberate model change).

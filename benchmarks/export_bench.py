@@ -22,7 +22,9 @@ def _size_gib(directory: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mobilevlm-v2-1.7b", choices=["tiny", "mobilevlm-v2-1.7b", "mobilevlm-v2-3b"])
+    parser.add_argument(
+        "--preset", default="mobilevlm-v2-1.7b", choices=["tiny", "mobilevlm-v2-1.7b", "mobilevlm-v2-3b"]
+    )
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="export precision")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
     parser.add_argument("--json", type=Path, default=None)

@@ -25,7 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from mvlm_compile.build.plugin import (
+from mvlm_compile.peg_op import (
     PluginLibraryError,
     find_kernel_library,
     load_kernel_library,
@@ -69,9 +69,7 @@ def run_case(torch, lib, model: str, batch: int, dtype: str, launches: int, repe
     stream = torch.cuda.current_stream().cuda_stream
 
     def kernel():
-        peg_forward_gpu(
-            lib, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), shape, dtype, stream
-        )
+        peg_forward_gpu(lib, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), shape, dtype, stream)
 
     def reference():
         return F.conv2d(x, weight, bias, padding=1, groups=channels) + x
@@ -99,13 +97,9 @@ def run_case(torch, lib, model: str, batch: int, dtype: str, launches: int, repe
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--lib", type=Path, help="libmvlm_peg_kernel.so (default: $MVLM_PEG_KERNEL, plugins/peg/build)"
-    )
+    parser.add_argument("--lib", type=Path, help="libmvlm_peg_kernel.so (default: $MVLM_PEG_KERNEL, plugins/peg/build)")
     parser.add_argument("--launches", type=int, default=100, help="back-to-back launches per timed run")
-    parser.add_argument(
-        "--repeats", type=int, default=20, help="timed runs per case (the median is reported)"
-    )
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per case (the median is reported)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -116,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not torch.cuda.is_available():
         print(
-            "error: no CUDA GPU (torch.cuda.is_available() is False): this benchmark times the PEG "
-            "kernel on a GPU",
+            "error: no CUDA GPU (torch.cuda.is_available() is False): this benchmark times the PEG kernel on a GPU",
             file=sys.stderr,
         )
         return 2

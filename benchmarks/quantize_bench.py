@@ -26,13 +26,19 @@ from measure import mvlm_compile, run_measured
 
 
 def child_quantize(artifacts: Path, out: Path, golden: Path, run: str, result: Path) -> None:
-    from mvlm_compile.quantize import quantize_artifacts
+    from mvlm_compile.manifest import load_manifest
+    from mvlm_compile.quantize import quantize_artifacts, resolve_settings
+    from mvlm_compile.verify.accuracy import accuracy_table, evaluate_artifacts
 
     method, _, extra = run.partition(":")
     keep = ("embed_tokens",) if extra == "lm_head" else None
-    report = quantize_artifacts(artifacts, method=method, keep_fp16=keep, golden=golden, out=out, progress=lambda m: print(f"[{run}] {m}", file=sys.stderr, flush=True))
+    settings = resolve_settings(load_manifest(artifacts), method=method, keep_fp16=keep)
+    progress = lambda m: print(f"[{run}] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    report = quantize_artifacts(artifacts, settings, out=out, progress=progress)
+    accuracy = evaluate_artifacts(out, golden, reference=artifacts, progress=progress)
     print(report.table())
-    result.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    print(accuracy_table(accuracy))
+    result.write_text(json.dumps({**report.to_json(), "accuracy": accuracy}, indent=1) + "\n")
 
 
 def child_latency(fp32: Path, int4: Path, past: int, steps: int, result: Path) -> None:
@@ -43,7 +49,12 @@ def child_latency(fp32: Path, int4: Path, past: int, steps: int, result: Path) -
     from mvlm_compile.runtime.ort_backend import ort_session
 
     model = load_manifest(fp32).model
-    layers, heads, head_dim, hidden = model["num_layers"], model["num_kv_heads"], model["head_dim"], model["hidden_size"]
+    layers, heads, head_dim, hidden = (
+        model["num_layers"],
+        model["num_kv_heads"],
+        model["head_dim"],
+        model["hidden_size"],
+    )
     rng = np.random.default_rng(0)
     feed = {
         contract.DECODER_EMBEDS: rng.standard_normal((1, 1, hidden)).astype(np.float32) * 0.02,
@@ -62,7 +73,10 @@ def child_latency(fp32: Path, int4: Path, past: int, steps: int, result: Path) -
             t0 = time.perf_counter()
             session.run(None, feed)
             samples.append(time.perf_counter() - t0)
-        timings[label] = {"median_ms": round(1000 * float(np.median(samples)), 2), "min_ms": round(1000 * min(samples), 2)}
+        timings[label] = {
+            "median_ms": round(1000 * float(np.median(samples)), 2),
+            "min_ms": round(1000 * min(samples), 2),
+        }
         del session
     timings["int4_over_fp32"] = round(timings["int4"]["median_ms"] / timings["fp32"]["median_ms"], 3)
     timings.update({"past": past, "steps": steps, "threads": os.cpu_count()})
@@ -76,10 +90,16 @@ def _size_gib(path: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mobilevlm-v2-1.7b", choices=["tiny", "mobilevlm-v2-1.7b", "mobilevlm-v2-3b"])
+    parser.add_argument(
+        "--preset", default="mobilevlm-v2-1.7b", choices=["tiny", "mobilevlm-v2-1.7b", "mobilevlm-v2-3b"]
+    )
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    parser.add_argument("--artifacts", type=Path, default=None, help="FP32 artifacts (default <workdir>/<preset>-fp32-artifacts)")
-    parser.add_argument("--golden", type=Path, default=None, help="golden directory (default <workdir>/<preset>-golden)")
+    parser.add_argument(
+        "--artifacts", type=Path, default=None, help="FP32 artifacts (default <workdir>/<preset>-fp32-artifacts)"
+    )
+    parser.add_argument(
+        "--golden", type=Path, default=None, help="golden directory (default <workdir>/<preset>-golden)"
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help="where quantized artifacts go (default workdir)")
     parser.add_argument("--runs", nargs="+", default=["rtn", "awq"], help="rtn, awq, rtn:lm_head, awq:lm_head")
     parser.add_argument("--past", type=int, default=250)
@@ -109,24 +129,48 @@ def main() -> None:
     if not (golden / "manifest.json").exists():
         results["golden"] = run_measured(mvlm_compile("golden", "--checkpoint", str(checkpoint), "--out", str(golden)))
     if not (artifacts / "manifest.json").exists():
-        results["export"] = run_measured(mvlm_compile("export", "--checkpoint", str(checkpoint), "--out", str(artifacts), "--dtype", "fp32"))
+        results["export"] = run_measured(
+            mvlm_compile("export", "--checkpoint", str(checkpoint), "--out", str(artifacts), "--dtype", "fp32")
+        )
     results["fp32_decoder_gib"] = _size_gib(artifacts / "decoder.onnx")
 
     me = str(Path(__file__).resolve())
     for run in opts.runs:
         out = out_dir / f"{opts.preset}-int4-{run.replace(':', '-')}"
         report_path = out_dir / f"quantize_bench-{opts.preset}-{run.replace(':', '-')}.report.json"
-        measured = run_measured([sys.executable, me, "--child", "quantize", str(artifacts), str(out), str(golden), run, str(report_path)])
+        measured = run_measured(
+            [sys.executable, me, "--child", "quantize", str(artifacts), str(out), str(golden), run, str(report_path)]
+        )
         report = json.loads(report_path.read_text())
-        results["runs"][run] = {**measured, "out": str(out), "int4_decoder_gib": _size_gib(out / "decoder.onnx"), "report": report}
+        results["runs"][run] = {
+            **measured,
+            "out": str(out),
+            "int4_decoder_gib": _size_gib(out / "decoder.onnx"),
+            "report": report,
+        }
     if not opts.no_latency and opts.runs:
         first = out_dir / f"{opts.preset}-int4-{opts.runs[-1].replace(':', '-')}"
         latency_path = out_dir / f"quantize_bench-{opts.preset}-latency.json"
-        results["latency"] = run_measured([sys.executable, me, "--child", "latency", str(artifacts), str(first), str(opts.past), str(opts.steps), str(latency_path)])
+        results["latency"] = run_measured(
+            [
+                sys.executable,
+                me,
+                "--child",
+                "latency",
+                str(artifacts),
+                str(first),
+                str(opts.past),
+                str(opts.steps),
+                str(latency_path),
+            ]
+        )
         results["latency"].update(json.loads(latency_path.read_text()))
 
     print(f"\nFP32 decoder {results['fp32_decoder_gib']} GiB")
-    header = f"{'run':<12} {'seconds':>8} {'peak GiB':>9} {'INT4 GiB':>9} {'x FP16':>7} {'TF top-1':>9} {'TF KL':>8} {'ans top-1':>9} {'ans KL':>8} {'greedy':>7} {'vision err':>10}"
+    header = (
+        f"{'run':<12} {'seconds':>8} {'peak GiB':>9} {'INT4 GiB':>9} {'x FP16':>7} {'TF top-1':>9} {'TF KL':>8} "
+        f"{'ans top-1':>9} {'ans KL':>8} {'greedy':>7} {'vision err':>10}"
+    )
     print(header)
     for run, r in results["runs"].items():
         acc = r["report"]["accuracy"]
@@ -134,13 +178,17 @@ def main() -> None:
         tf, an = d["teacher_forced"], d["answer_positions"]
         vision = acc["components"]["vision.image_features"]["rel_to_scale"]
         print(
-            f"{run:<12} {r['seconds']:>8} {r['peak_rss_gib']:>9} {r['int4_decoder_gib']:>9} {r['report']['sizes']['int4_vs_fp16']:>7} "
+            f"{run:<12} {r['seconds']:>8} {r['peak_rss_gib']:>9} {r['int4_decoder_gib']:>9} "
+            f"{r['report']['sizes']['int4_vs_fp16']:>7} "
             f"{tf['top1_agreement']:>9.4f} {tf['kl_mean']:>8.4f} {an['top1_agreement']:>9.4f} {an['kl_mean']:>8.4f} "
             f"{d['greedy']['prefix_match']:>3}/{d['greedy']['total_match']:<3} {vision:>10.3g}"
         )
     if "latency" in results:
         lat = results["latency"]
-        print(f"decode step, past {lat['past']}: FP32 {lat['fp32']['median_ms']} ms, INT4 {lat['int4']['median_ms']} ms (x{lat['int4_over_fp32']})")
+        print(
+            f"decode step, past {lat['past']}: FP32 {lat['fp32']['median_ms']} ms, "
+            f"INT4 {lat['int4']['median_ms']} ms (x{lat['int4_over_fp32']})"
+        )
     out = opts.json or work / f"quantize_bench-{opts.preset}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

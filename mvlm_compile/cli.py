@@ -1,22 +1,62 @@
 """`mvlm-compile`: a thin click layer over the Python API.
 
 Stage modules are imported inside the commands so that `--help` and the Jetson-side
-commands never import torch or transformers.
+commands never import torch or transformers. Every command that takes ARTIFACTS accepts an
+artifacts directory or a bundle; `--json` prints JSON to stdout; `--report FILE` writes a file.
+Errors are click exceptions carrying their exit status (mvlm_compile.errors).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
 from mvlm_compile import __version__
-from mvlm_compile.errors import MvlmError
+from mvlm_compile.errors import EnginesDeferred, InternalError, Interrupted, MvlmError, NumericalFailure
 
 EXIT_STATUS_HELP = """Exit status: 0 success; 1 numerical failure (verify); 2 usage or input error;
-3 engines not built here (bundle prepared for the target)."""
+3 engines not built here (bundle prepared for the target); 4 internal error (see --debug);
+130 interrupted."""
+
+
+class PipelineGroup(click.Group):
+    """Commands listed in pipeline order; unexpected exceptions become one-line errors."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise Interrupted(f"mvlm-compile {ctx.invoked_subcommand}") from None
+        except OSError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise MvlmError(_os_error_line(e)) from None
+        except Exception as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            raise InternalError(
+                f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno}; "
+                "rerun with --debug for the traceback and report it)"
+            ) from None
+
+
+def _os_error_line(e: OSError) -> str:
+    what = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system"}.get(
+        e.errno, e.strerror or str(e)
+    )
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 def _quiet_libraries() -> None:
@@ -32,23 +72,43 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+def _echo_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    from mvlm_compile.table import render_table
+
+    click.echo(render_table(header, rows))
 
 
-@click.group(epilog=EXIT_STATUS_HELP)
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _progress(stage: str):
+    return lambda message: click.echo(f"[{stage}] {message}", err=True)
+
+
+def _artifacts_of(path: Path) -> tuple[Path, Path]:
+    """(bundle, artifacts) for ARTIFACTS: a bundle or a bare artifacts directory."""
+    from mvlm_compile.bundle import resolve_artifacts
+
+    return resolve_artifacts(path)
+
+
+@click.group(cls=PipelineGroup, epilog=EXIT_STATUS_HELP)
 @click.version_option(__version__, prog_name="mvlm-compile")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Compile MobileVLM V2 checkpoints to ONNX and TensorRT engines for Jetson Orin."""
+    ctx.obj = {"debug": debug}
 
 
 @cli.command()
 @click.option("--preset", type=click.Choice(["tiny", "mobilevlm-v2-1.7b", "mobilevlm-v2-3b"]), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Default: fp32 for tiny, fp16 otherwise.")
+@click.option(
+    "--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Default: fp32 for tiny, fp16 otherwise."
+)
 @click.option(
     "--clip-out",
     type=click.Path(path_type=Path),
@@ -72,73 +132,105 @@ def synth(preset: str, out: Path, seed: int, dtype: str | None, clip_out: Path |
     write_synthetic_checkpoint(preset, out, seed=seed, dtype=dtype, clip_out=clip_out, progress=progress)
     if interactive:
         click.echo("", err=True)
-    click.echo(f"wrote {preset} checkpoint (seed {seed}) to {out}" + (f", vision tower to {clip_out}" if clip_out else ""))
+    click.echo(
+        f"wrote {preset} checkpoint (seed {seed}) to {out}" + (f", vision tower to {clip_out}" if clip_out else "")
+    )
+
+
+_checkpoint_option = click.option(
+    "--checkpoint", type=click.Path(path_type=Path), required=True, help="MobileVLM V2 checkpoint directory."
+)
+_vision_tower_option = click.option(
+    "--vision-tower",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CLIP ViT-L/14-336 checkpoint directory, when the checkpoint has no vision weights.",
+)
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table."
+)
 
 
 @cli.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="MobileVLM V2 checkpoint directory.")
-@click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="CLIP ViT-L/14-336 checkpoint directory, when the checkpoint has no vision weights.")
+@_checkpoint_option
+@_vision_tower_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Golden directory to write.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a table.")
+@_json_option
 def golden(checkpoint: Path, vision_tower: Path | None, out: Path, as_json: bool) -> None:
     """Run the FP32 PyTorch reference on fixed inputs and write golden tensors (Polygraphy JSON)."""
     _quiet_libraries()
+    from mvlm_compile.contract import COMPONENTS
     from mvlm_compile.model.golden import write_golden
+    from mvlm_compile.verify.golden_io import load_component
 
     manifest = write_golden(checkpoint, out, vision_tower=vision_tower)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        _echo_json(manifest)
         return
-    _print_golden_summary(out)
+    rows = []
+    for component in COMPONENTS:
+        feed, outputs = load_component(out, component)
+        first_in, first_out = next(iter(feed)), next(iter(outputs))
+        rows.append((component, first_in, list(feed[first_in].shape), first_out, list(outputs[first_out].shape)))
+    _echo_table(("component", "first input", "shape", "first output", "shape"), rows)
     click.echo(f"wrote golden tensors to {out} (checkpoint {manifest['checkpoint']['fingerprint_sha256'][:12]})")
 
 
-def _print_golden_summary(golden_dir: Path) -> None:
-    from mvlm_compile.contract import COMPONENTS
-    from mvlm_compile.verify.golden_io import load_component
-
-    rows = []
-    for component in COMPONENTS:
-        feed, outputs = load_component(golden_dir, component)
-        first_in = next(iter(feed))
-        first_out = next(iter(outputs))
-        rows.append((component, first_in, str(list(feed[first_in].shape)), first_out, str(list(outputs[first_out].shape))))
-    _print_table(rows, ("component", "first input", "shape", "first output", "shape"))
-
-
 @cli.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="MobileVLM V2 checkpoint directory.")
-@click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="CLIP ViT-L/14-336 checkpoint directory, when the checkpoint has no vision weights.")
+@_checkpoint_option
+@_vision_tower_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Artifacts directory to write.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--golden", type=click.Path(path_type=Path), default=None, help="Check the graphs in ONNX Runtime against this golden directory.")
-def export(checkpoint: Path, vision_tower: Path | None, out: Path, dtype: str, golden: Path | None) -> None:
+@click.option(
+    "--golden",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Check the graphs in ONNX Runtime against this golden directory.",
+)
+@_json_option
+def export(
+    checkpoint: Path, vision_tower: Path | None, out: Path, dtype: str, golden: Path | None, as_json: bool
+) -> None:
     """Export vision.onnx, projector.onnx and decoder.onnx (+ embedding table, tokenizer, manifest)."""
     _quiet_libraries()
     from mvlm_compile.export.exporter import export_artifacts
 
-    manifest = export_artifacts(checkpoint, out, vision_tower=vision_tower, dtype=dtype, progress=lambda m: click.echo(f"[export] {m}", err=True))
-    rows = [(name, g["file"], g["dtype"], ", ".join(i["name"] for i in g["inputs"][:3])) for name, g in manifest.graphs.items()]
-    _print_table(rows, ("graph", "file", "dtype", "inputs"))
-    click.echo(f"wrote {out} in {manifest.stages['export']['seconds']} s")
-    if golden is not None:
-        _check_against_golden(out, golden)
+    manifest = export_artifacts(checkpoint, out, vision_tower=vision_tower, dtype=dtype, progress=_progress("export"))
+    checks = _golden_checks(out, golden) if golden is not None else []
+    if as_json:
+        _echo_json({"artifacts": str(out), "graphs": manifest.graphs, "golden_checks": [c.to_json() for c in checks]})
+    else:
+        rows = [
+            (name, g["file"], g["dtype"], ", ".join(i["name"] for i in g["inputs"][:3]))
+            for name, g in manifest.graphs.items()
+        ]
+        _echo_table(("graph", "file", "dtype", "inputs"), rows)
+        click.echo(f"wrote {out} in {manifest.stages['export']['seconds']} s")
+        if checks:
+            _echo_table(
+                ("component", "output", "max abs", "err/scale", "cosine", "result"),
+                [
+                    (
+                        c.component,
+                        c.output,
+                        f"{c.metrics['max_abs']:.3g}",
+                        f"{c.metrics['rel_to_scale']:.3g}",
+                        f"{c.metrics['cosine']:.7f}",
+                        "ok" if c.passed else "FAIL",
+                    )
+                    for c in checks
+                ],
+            )
+    if not all(c.passed for c in checks):
+        raise NumericalFailure(f"{out}: outputs differ from the golden tensors in {golden} beyond tolerance")
 
 
-def _check_against_golden(artifacts: Path, golden: Path) -> None:
-    from mvlm_compile.errors import EXIT_NUMERICAL_FAILURE
-    from mvlm_compile.runtime.ort_backend import OrtBackend
+def _golden_checks(artifacts: Path, golden: Path) -> list:
+    from mvlm_compile.runtime.backend import open_backend
     from mvlm_compile.verify.components import check_components
 
-    checks = check_components(OrtBackend(artifacts), golden)
-    rows = [
-        (c.component, c.output, f"{c.metrics['max_abs']:.3g}", f"{c.metrics['rel_to_scale']:.3g}", f"{c.metrics['cosine']:.7f}", "ok" if c.passed else "FAIL")
-        for c in checks
-    ]
-    _print_table(rows, ("component", "output", "max abs", "err/scale", "cosine", "result"))
-    if not all(c.passed for c in checks):
-        click.echo("error: outputs differ from the golden tensors beyond tolerance", err=True)
-        sys.exit(EXIT_NUMERICAL_FAILURE)
+    with open_backend("ort", artifacts) as backend:
+        return check_components(backend, golden)
 
 
 @cli.command()
@@ -150,80 +242,168 @@ def _check_against_golden(artifacts: Path, golden: Path) -> None:
     metavar="PASS",
     help="Report PASS as skipped when its pattern is not in the graph, instead of failing (repeatable).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@_json_option
 def optimize(artifacts: Path, allow_missing: tuple[str, ...], as_json: bool) -> None:
     """Rewrite the graphs in place: PEG plugin node, LDPv2 pool-first, constant folding and clean-ups."""
     _quiet_libraries()
     from mvlm_compile.manifest import keep_reference
-    from mvlm_compile.surgery import optimize_artifacts, optimize_command_rows
+    from mvlm_compile.surgery import optimize_artifacts
+    from mvlm_compile.surgery.optimize import ROW_HEADER
 
+    _, artifacts = _artifacts_of(artifacts)
     keep_reference(artifacts)
-    report = optimize_artifacts(artifacts, allow_missing=allow_missing, progress=lambda m: click.echo(f"[optimize] {m}", err=True))
+    report = optimize_artifacts(artifacts, allow_missing=allow_missing, progress=_progress("optimize"))
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        _echo_json(report.to_json())
         return
-    header, rows = optimize_command_rows(report)
-    _print_table(rows, header)
+    _echo_table(ROW_HEADER, report.rows())
     click.echo(f"optimized {artifacts}" if report.changed else f"{artifacts}: already optimized, nothing changed")
 
 
 @cli.command()
 @click.argument("artifacts", type=click.Path(path_type=Path))
-@click.option("--decoder", type=click.Choice(["int4"]), default="int4", show_default=True, help="Decoder weight precision.")
-@click.option("--method", type=click.Choice(["awq", "rtn"]), default=None, help="INT4 method. Default: the recipe's (awq).")
-@click.option("--group-size", type=int, default=None, help="INT4 scale group along the input dimension. Default: the recipe's (128; tiny 32).")
-@click.option("--keep", multiple=True, help="A Linear kept unquantized, e.g. lm_head (repeatable). Default: the recipe's keep_fp16.")
-@click.option("--calib-images", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="Directory of calibration images instead of the built-in ones (AWQ).")
-@click.option("--golden", type=click.Path(path_type=Path), default=None, help="Report accuracy against this golden directory.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the quantized artifacts here; default: in place (the FP32 decoder is not kept).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def quantize(artifacts: Path, decoder: str, method: str | None, group_size: int | None, keep: tuple[str, ...], calib_images: Path | None, golden: Path | None, out: Path | None, as_json: bool) -> None:
+@click.option(
+    "--decoder",
+    type=click.Choice(["int4"]),
+    default=None,
+    help="Decoder weight precision. Default: the recipe's (int4).",
+)
+@click.option(
+    "--method", type=click.Choice(["awq", "rtn"]), default=None, help="INT4 method. Default: the recipe's (awq)."
+)
+@click.option(
+    "--group-size",
+    type=int,
+    default=None,
+    help="INT4 scale group along the input dimension. Default: the recipe's (128; tiny 32).",
+)
+@click.option(
+    "--keep",
+    multiple=True,
+    help="A Linear kept unquantized, e.g. lm_head (repeatable). Default: the recipe's keep_fp16.",
+)
+@click.option(
+    "--calib-images",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Directory of calibration images instead of the built-in ones (AWQ).",
+)
+@click.option(
+    "--golden",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Then report accuracy against this golden directory.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the quantized artifacts here; default: in place (the export stays in ARTIFACTS/reference).",
+)
+@_json_option
+def quantize(
+    artifacts: Path,
+    decoder: str | None,
+    method: str | None,
+    group_size: int | None,
+    keep: tuple[str, ...],
+    calib_images: Path | None,
+    golden: Path | None,
+    out: Path | None,
+    as_json: bool,
+) -> None:
     """INT4 weight-only decoder (AWQ or RTN) and FP16 vision/projector; with --golden, an accuracy report."""
     _quiet_libraries()
-    from mvlm_compile.errors import EXIT_NUMERICAL_FAILURE
-    from mvlm_compile.quantize import quantize_artifacts
+    from mvlm_compile.manifest import REFERENCE_DIR, keep_reference, load_manifest
+    from mvlm_compile.quantize import quantize_artifacts, resolve_settings
     from mvlm_compile.quantize.calibration import CalibrationSpec
 
-    report = quantize_artifacts(
-        artifacts, decoder=decoder, method=method, group_size=group_size, keep_fp16=keep or None,
-        calibration=CalibrationSpec(images=calib_images) if calib_images else None, golden=golden, out=out,
-        progress=lambda m: click.echo(f"[quantize] {m}", err=True),
+    _, artifacts = _artifacts_of(artifacts)
+    settings = resolve_settings(
+        load_manifest(artifacts), decoder=decoder, method=method, group_size=group_size, keep_fp16=keep or None
     )
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())
-    if report.accuracy and not all(c.get("passed", True) for c in report.accuracy["components"].values()):
-        click.echo("error: FP16 vision/projector outputs differ from the golden tensors beyond tolerance", err=True)
-        sys.exit(EXIT_NUMERICAL_FAILURE)
+    if out is None:
+        keep_reference(artifacts)
+    report = quantize_artifacts(
+        artifacts,
+        settings,
+        calibration=CalibrationSpec(images=calib_images) if calib_images else None,
+        out=out,
+        progress=_progress("quantize"),
+    )
+    accuracy = None
+    if golden is not None:
+        from mvlm_compile.verify.accuracy import accuracy_table, evaluate_artifacts
+
+        reference = artifacts if out is not None else artifacts / REFERENCE_DIR
+        accuracy = evaluate_artifacts(Path(report.artifacts), golden, reference, _progress("accuracy"))
+    if as_json:
+        _echo_json({"quantize": report.to_json(), "accuracy": accuracy})
+    else:
+        click.echo(report.table())
+        if accuracy is not None:
+            click.echo(accuracy_table(accuracy))
+    if accuracy and not all(c.get("passed", True) for c in accuracy["components"].values()):
+        raise NumericalFailure(
+            f"{report.artifacts}: outputs differ from the golden tensors in {golden} beyond tolerance"
+        )
 
 
 @cli.command()
-@click.option("--target", required=True, help="Target profile (recipes/targets/targets.yaml), e.g. orin-agx-64gb, orin-nano-8gb, x86-sm89.")
-@click.argument("bundle_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Start from a checkpoint (host: needs the host extra).")
-@click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="CLIP ViT-L/14-336 directory, when the checkpoint has no vision weights.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle directory to write (with --checkpoint).")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "--target",
+    required=True,
+    help="Target profile (recipes/targets/targets.yaml), e.g. orin-agx-64gb, orin-nano-8gb, x86-sm89.",
+)
+@_vision_tower_option
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Bundle directory to write (when SOURCE is a checkpoint).",
+)
 @click.option("--recipe", default=None, help="Recipe name or YAML path (default: the one matching the model).")
 @click.option("--context", type=int, default=None, help="Context length (default: target, then recipe).")
 @click.option("--batch", type=int, default=None, help="Decoder batch (default: target, then recipe).")
 @click.option("--force", is_flag=True, help="Rerun every stage even when its inputs are unchanged.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build(target, bundle_dir, checkpoint, vision_tower, out, recipe, context, batch, force, as_json) -> None:
-    """Export -> optimize -> quantize -> TensorRT engines, into a bundle.
+@_json_option
+def build(
+    source: Path,
+    target: str,
+    vision_tower: Path | None,
+    out: Path | None,
+    recipe: str | None,
+    context: int | None,
+    batch: int | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """SOURCE (a checkpoint or a bundle) -> golden, export, optimize, quantize -> TensorRT engines.
 
-    From a checkpoint: `build --target T --checkpoint DIR --out BUNDLE`. From a bundle made
-    elsewhere (on the Orin): `build --target T BUNDLE`. Without TensorRT or a GPU of the
-    target's SM, the bundle is prepared and the command for the target is printed (exit 3).
+    On the host: `build CHECKPOINT --target T --out BUNDLE`. On the target, from a bundle made
+    elsewhere: `build BUNDLE --target T`. Without TensorRT or a GPU of the target's SM, the
+    bundle is prepared and the command for the target is printed (exit 3).
     """
-    from mvlm_compile.build.pipeline import build as run_build
-    from mvlm_compile.errors import EXIT_ENGINES_DEFERRED
+    from mvlm_compile.bundle import build as run_build
+    from mvlm_compile.bundle import source_kind
 
-    if (checkpoint is None) == (bundle_dir is None):
-        raise click.UsageError("give either BUNDLE_DIR or --checkpoint DIR --out BUNDLE")
-    if checkpoint is not None and out is None:
-        raise click.UsageError("--checkpoint needs --out BUNDLE")
+    kind = source_kind(source)
+    if kind == "checkpoint" and out is None:
+        raise click.UsageError(f"SOURCE {source} is a checkpoint: give --out BUNDLE")
+    if kind == "bundle" and out is not None:
+        raise click.UsageError(f"SOURCE {source} is a bundle: it is built in place, drop --out")
     _quiet_libraries()
     result = run_build(
-        target, out or bundle_dir, checkpoint=checkpoint, vision_tower=vision_tower, recipe_name=recipe,
-        context=context, batch=batch, force=force, progress=lambda m: click.echo(f"[build] {m}", err=True),
+        target,
+        out or source,
+        checkpoint=source if kind == "checkpoint" else None,
+        vision_tower=vision_tower,
+        recipe_name=recipe,
+        context=context,
+        batch=batch,
+        force=force,
+        progress=_progress("build"),
     )
     summary = {
         "bundle": str(result.bundle),
@@ -235,58 +415,112 @@ def build(target, bundle_dir, checkpoint, vision_tower, out, recipe, context, ba
         "target_command": result.target_command,
     }
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        _echo_json(summary)
     else:
-        _print_table([(k, v) for k, v in result.stages.items()], ("stage", "result"))
+        _echo_table(("stage", "result"), list(result.stages.items()))
         click.echo(result.plan.table())
     if result.engines_dir is None:
-        click.echo(f"engines not built here: {result.deferred_reason}", err=True)
-        click.echo(f"bundle ready: {result.bundle}; copy it to the target and run:\n  {result.target_command}", err=True)
-        sys.exit(EXIT_ENGINES_DEFERRED)
+        raise EnginesDeferred(
+            f"engines not built here: {result.deferred_reason}\n"
+            f"bundle ready: {result.bundle}; copy it to the target and run:\n  {result.target_command}"
+        )
     click.echo(f"engines in {result.engines_dir}")
 
 
 def _backend_options(fn):
-    fn = click.option("--engines", type=click.Path(path_type=Path), default=None, help="Engines directory (trt; default: the bundle's engines-<target>/).")(fn)
-    fn = click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ONNX Runtime (CPU) or TensorRT engines.")(fn)
+    fn = click.option(
+        "--engines",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Engines directory (trt; default: the bundle's engines-<target>/).",
+    )(fn)
+    fn = click.option(
+        "--backend",
+        type=click.Choice(["ort", "trt"]),
+        default="ort",
+        show_default=True,
+        help="ONNX Runtime (CPU) or TensorRT engines.",
+    )(fn)
     return fn
+
+
+def _open_backend(backend: str, path: Path, engines: Path | None):
+    """The backend over ARTIFACTS (a bundle or an artifacts directory), as a context manager."""
+    from mvlm_compile.bundle import default_engines_dir
+    from mvlm_compile.runtime.backend import open_backend
+
+    bundle, artifacts = _artifacts_of(path)
+    if backend == "trt" and engines is None:
+        engines = default_engines_dir(bundle)
+    return open_backend(backend, artifacts, engines)
 
 
 @cli.command()
 @click.argument("artifacts", type=click.Path(path_type=Path))
-@click.option("--golden", type=click.Path(path_type=Path), required=True, help="Golden directory (mvlm-compile golden).")
+@click.option(
+    "--golden", type=click.Path(path_type=Path), required=True, help="Golden directory (mvlm-compile golden)."
+)
 @_backend_options
 @click.option("--recipe", default=None, help="Recipe whose tolerances apply (default: the artifacts' recipe).")
-@click.option("--reference", type=click.Path(path_type=Path), default=None, help="FP32 export for the divergence search (default: ARTIFACTS/reference when present).")
-@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the JSON report here (and JUnit XML beside it, .xml).")
-def verify(artifacts, golden, backend, engines, recipe, reference, report) -> None:
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="FP32 export for the divergence search (default: ARTIFACTS/reference when present).",
+)
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the JSON report here (and JUnit XML beside it, .xml).",
+)
+@_json_option
+def verify(
+    artifacts: Path,
+    golden: Path,
+    backend: str,
+    engines: Path | None,
+    recipe: str | None,
+    reference: Path | None,
+    report: Path | None,
+    as_json: bool,
+) -> None:
     """Compare every component and the greedy tokens with the golden tensors (exit 1 beyond tolerance)."""
-    from mvlm_compile.errors import EXIT_NUMERICAL_FAILURE
     from mvlm_compile.fileio import write_json
+    from mvlm_compile.manifest import MANIFEST_NAME, REFERENCE_DIR
     from mvlm_compile.recipes import load_recipe
-    from mvlm_compile.runtime.backend import open_backend
-    from mvlm_compile.manifest import REFERENCE_DIR
     from mvlm_compile.verify.verifier import verify as run_verify
 
     _quiet_libraries()
-    runner = open_backend(backend, artifacts, engines)
-    recipe_name = recipe or runner.manifest.model.get("recipe")
-    tolerances = load_recipe(recipe_name).tolerances if recipe_name else None
-    reference = reference or (runner.artifacts / REFERENCE_DIR if (runner.artifacts / REFERENCE_DIR / "manifest.json").exists() else None)
-    result = run_verify(runner, golden, tolerances=tolerances, reference=reference)
-    _print_table(result.rows(), ("component", "output", "max abs", "mean abs", "err/scale", "cosine", "result"))
-    for component, where in result.divergences.items():
-        click.echo(f"{component}: first diverging node " + (f"{where['node']} ({where['op_type']}), tensor {where['tensor']}" if where else "not found (outputs only)"))
+    with _open_backend(backend, artifacts, engines) as runner:
+        recipe_name = recipe or runner.manifest.model.get("recipe")
+        tolerances = load_recipe(recipe_name).tolerances if recipe_name else None
+        kept = runner.artifacts / REFERENCE_DIR
+        reference = reference or (kept if (kept / MANIFEST_NAME).exists() else None)
+        result = run_verify(runner, golden, tolerances=tolerances, reference=reference)
     if report is not None:
         write_json(report, result.to_json())
         result.write_junit(report.with_suffix(".xml"))
-    click.echo("PASSED" if result.passed else "FAILED")
+    if as_json:
+        _echo_json(result.to_json())
+    else:
+        _echo_table(("component", "output", "max abs", "mean abs", "err/scale", "cosine", "result"), result.rows())
+        for component, where in result.divergences.items():
+            click.echo(
+                f"{component}: first diverging node "
+                + (
+                    f"{where['node']} ({where['op_type']}), tensor {where['tensor']}"
+                    if where
+                    else "not found (outputs only)"
+                )
+            )
+        click.echo("PASSED" if result.passed else "FAILED")
     if not result.passed:
-        sys.exit(EXIT_NUMERICAL_FAILURE)
+        raise NumericalFailure(f"{artifacts}: outputs differ from the golden tensors in {golden} beyond tolerance")
 
 
 @cli.command()
-@click.option("--artifacts", type=click.Path(path_type=Path), required=True, help="Artifacts or bundle directory.")
+@click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("--image", type=click.Path(path_type=Path), required=True)
 @click.option("--prompt", required=True, help="The question about the image.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
@@ -296,33 +530,66 @@ def verify(artifacts, golden, backend, engines, recipe, reference, report) -> No
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable); EOS always stops.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
-def run(artifacts, image, prompt, max_new_tokens, backend, engines, temperature, top_p, seed, stop, stream) -> None:
+def run(
+    artifacts: Path,
+    image: Path,
+    prompt: str,
+    max_new_tokens: int,
+    backend: str,
+    engines: Path | None,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stop: tuple[str, ...],
+    stream: bool,
+) -> None:
     """Answer a question about an image."""
     from mvlm_compile.model.preprocess import load_image, preprocess_image
-    from mvlm_compile.runtime.backend import open_backend
     from mvlm_compile.runtime.pipeline import Chat, Pipeline, Sampling
 
     pixel_values = preprocess_image(load_image(image))
-    chat = Chat(Pipeline(open_backend(backend, artifacts, engines)))
-    on_text = (lambda piece: click.echo(piece, nl=False)) if stream else None
-    text = chat.generate(pixel_values, prompt, max_new_tokens, Sampling(temperature, top_p, seed), stop or ("</s>",), on_text)
+    with _open_backend(backend, artifacts, engines) as runner:
+        chat = Chat(Pipeline(runner))
+        on_text = (lambda piece: click.echo(piece, nl=False)) if stream else None
+        text = chat.generate(
+            pixel_values, prompt, max_new_tokens, Sampling(temperature, top_p, seed), stop or ("</s>",), on_text
+        )
     click.echo("" if stream else text)
 
 
 @cli.command()
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @_backend_options
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Also run PyTorch eager on this checkpoint (host) for ratios.")
-@click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
-@click.option("--prompt-tokens", type=int, default=256, show_default=True, help="Prefill length (image tokens included).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also run PyTorch eager on this checkpoint (host) for ratios.",
+)
+@_vision_tower_option
+@click.option(
+    "--prompt-tokens", type=int, default=256, show_default=True, help="Prefill length (image tokens included)."
+)
 @click.option("--decode-steps", type=int, default=32, show_default=True)
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results as JSON here.")
-def bench(artifacts, backend, engines, checkpoint, vision_tower, prompt_tokens, decode_steps, warmup, repeats, json_path) -> None:
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the results as JSON here.")
+@_json_option
+def bench(
+    artifacts: Path,
+    backend: str,
+    engines: Path | None,
+    checkpoint: Path | None,
+    vision_tower: Path | None,
+    prompt_tokens: int,
+    decode_steps: int,
+    warmup: int,
+    repeats: int,
+    report: Path | None,
+    as_json: bool,
+) -> None:
     """Latency of vision, projector, prefill and decode tokens/s (median, p90), with PyTorch eager ratios."""
     from mvlm_compile.fileio import write_json
-    from mvlm_compile.runtime.backend import open_backend
     from mvlm_compile.runtime.bench import bench_backend, bench_torch_eager, ratios
     from mvlm_compile.runtime.pipeline import Pipeline
 
@@ -333,40 +600,52 @@ def bench(artifacts, backend, engines, checkpoint, vision_tower, prompt_tokens, 
         if interactive:
             click.echo(f"\r[bench] {msg:<40}", nl=False, err=True)
 
-    results = {"backend": backend, "prompt_tokens": prompt_tokens}
-    results[backend] = bench_backend(Pipeline(open_backend(backend, artifacts, engines)), prompt_tokens, decode_steps, warmup, repeats, progress)
+    results: dict[str, Any] = {"backend": backend, "prompt_tokens": prompt_tokens}
+    with _open_backend(backend, artifacts, engines) as runner:
+        results[backend] = bench_backend(Pipeline(runner), prompt_tokens, decode_steps, warmup, repeats, progress)
     if checkpoint is not None:
-        results["torch_eager_fp32"] = bench_torch_eager(checkpoint, vision_tower, prompt_tokens, decode_steps, warmup, repeats, progress)
+        results["torch_eager_fp32"] = bench_torch_eager(
+            checkpoint, vision_tower, prompt_tokens, decode_steps, warmup, repeats, progress
+        )
         results["speedup_vs_torch_eager"] = ratios(results[backend], results["torch_eager_fp32"])
     if interactive:
         click.echo("", err=True)
+    if report is not None:
+        write_json(report, results)
+    if as_json:
+        _echo_json(results)
+        return
     rows = []
     for name in [backend, "torch_eager_fp32"] if checkpoint else [backend]:
         r = results[name]
-        rows.append((name, *(f"{r[k]['median_ms']:.1f} / {r[k]['p90_ms']:.1f}" for k in ("vision", "projector", "prefill")), f"{r['decode']['tokens_per_s']:.2f}", f"{r['peak_rss_gib']:.2f}"))
-    _print_table(rows, ("backend", "vision ms (med/p90)", "projector ms", f"prefill {prompt_tokens} ms", "decode tok/s", "peak RSS GiB"))
+        rows.append(
+            (
+                name,
+                *(f"{r[k]['median_ms']:.1f} / {r[k]['p90_ms']:.1f}" for k in ("vision", "projector", "prefill")),
+                f"{r['decode']['tokens_per_s']:.2f}",
+                f"{r['peak_rss_gib']:.2f}",
+            )
+        )
+    _echo_table(
+        (
+            "backend",
+            "vision ms (med/p90)",
+            "projector ms",
+            f"prefill {prompt_tokens} ms",
+            "decode tok/s",
+            "peak RSS GiB",
+        ),
+        rows,
+    )
     if checkpoint is not None:
-        click.echo("speed-up vs PyTorch eager: " + ", ".join(f"{k} {v:.2f}x" for k, v in results["speedup_vs_torch_eager"].items()))
-    if json_path is not None:
-        write_json(json_path, results)
+        click.echo(
+            "speed-up vs PyTorch eager: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in results["speedup_vs_torch_eager"].items())
+        )
 
 
 def main() -> None:
-    try:
-        cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except MvlmError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(0)
+    cli(prog_name="mvlm-compile")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -21,6 +22,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def digest(*parts: object) -> str:
+    """SHA-256 of JSON-serialisable parts: the identity of a stage's inputs and parameters."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -51,6 +51,10 @@ class Manifest:
             raise ArtifactError(f"{Path(directory) / MANIFEST_NAME}: no graph {name!r} (has {sorted(self.graphs)})")
         return Path(directory) / self.graphs[name]["file"]
 
+    def graph_hashes(self, directory: Path) -> dict[str, str]:
+        """SHA-256 of every graph file as it is on disk now."""
+        return {name: sha256_file(self.graph_path(directory, name)) for name in self.graphs}
+
     def input_dtype(self, graph: str, name: str) -> type:
         """NumPy type of a graph input, as recorded when the graph was written (no session needed)."""
         for item in self.graphs[graph]["inputs"]:

@@ -65,7 +65,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     missing = [k for k in ("name", "architecture", "precision", "defaults") if k not in data]
     if missing:
         raise MvlmError(f"{path}: recipe lacks {missing}")
-    return Recipe(data["name"], data["architecture"], data["precision"], data["defaults"], path, data.get("tolerances", {}))
+    return Recipe(
+        data["name"], data["architecture"], data["precision"], data["defaults"], path, data.get("tolerances", {})
+    )
 
 
 def load_targets() -> dict[str, Target]:

@@ -9,11 +9,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from mvlm_compile.build.engines import import_tensorrt
-from mvlm_compile.build.gpu import query_gpu
 from mvlm_compile.cli import cli
 from mvlm_compile.errors import EXIT_ENGINES_DEFERRED, EXIT_INPUT_ERROR
 from mvlm_compile.manifest import load_manifest
+from mvlm_compile.trt_env import import_tensorrt, query_gpu
 
 pytestmark = pytest.mark.skipif(
     import_tensorrt()[0] is not None and query_gpu() is not None,
@@ -25,7 +24,8 @@ pytestmark = pytest.mark.skipif(
 def bundle(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("build") / "bundle"
     result = CliRunner().invoke(
-        cli, ["build", "--target", "orin-nx-16gb", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--json"],
+        cli,
+        ["build", str(tiny_checkpoint), "--target", "orin-nx-16gb", "--out", str(out), "--json"],
         catch_exceptions=False,
     )
     return out, result
@@ -37,20 +37,32 @@ def test_engines_are_deferred_with_status_3_and_the_target_command(bundle):
     summary = json.loads(result.stdout)
     assert summary["stages"] == {"golden": "ran", "export": "ran", "optimize": "ran", "quantize": "ran"}
     assert "TensorRT" in summary["deferred_reason"]
-    assert summary["target_command"].startswith("mvlm-compile build --target orin-nx-16gb bundle")
+    assert summary["target_command"] == "mvlm-compile build bundle --target orin-nx-16gb"
     assert summary["settings"]["context"] == 512  # the tiny model's context caps the target's 2048
     note = (out / "BUILD_ON_TARGET.txt").read_text()
-    assert summary["target_command"] in note and "make plugin" in note
+    assert summary["target_command"] in note
+    assert "cmake -S bundle/plugins/peg -B bundle/plugins/peg/build" in note  # from the bundle's parent
 
 
 def test_the_bundle_is_self_contained(bundle):
     out, _ = bundle
-    for path in ("artifacts/manifest.json", "golden/manifest.json", "golden/image.png", "plugins/peg/CMakeLists.txt",
-                 "plugins/peg/peg_contract.json", "recipe.yaml", "bundle.json"):
+    for path in (
+        "artifacts/manifest.json",
+        "golden/manifest.json",
+        "golden/image.png",
+        "plugins/peg/CMakeLists.txt",
+        "plugins/peg/peg_contract.json",
+        "recipe.yaml",
+        "bundle.json",
+    ):
         assert (out / path).is_file(), path
     assert not (out / "plugins/peg/build").exists()
     manifest = load_manifest(out / "artifacts")
-    assert {name: g["dtype"] for name, g in manifest.graphs.items()} == {"vision": "fp16", "projector": "fp16", "decoder": "int4"}
+    assert {name: g["dtype"] for name, g in manifest.graphs.items()} == {
+        "vision": "fp16",
+        "projector": "fp16",
+        "decoder": "int4",
+    }
     projector = onnx.load(str(out / "artifacts" / "projector.onnx"))
     assert [n.op_type for n in projector.graph.node].count("MvlmPEG") == 1
     decoder = onnx.load(str(out / "artifacts" / "decoder.onnx"))
@@ -60,28 +72,35 @@ def test_the_bundle_is_self_contained(bundle):
 
 def test_unchanged_inputs_skip_every_stage_and_the_bundle_builds_on_its_own(bundle, tiny_checkpoint):
     out, _ = bundle
-    again = CliRunner().invoke(cli, ["build", "--target", "orin-nx-16gb", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--json"])
+    again = CliRunner().invoke(
+        cli, ["build", str(tiny_checkpoint), "--target", "orin-nx-16gb", "--out", str(out), "--json"]
+    )
     assert again.exit_code == EXIT_ENGINES_DEFERRED
     assert set(json.loads(again.stdout)["stages"].values()) == {"skipped (unchanged)"}
     # The target side: only the bundle, no checkpoint, no torch needed for these stages.
-    on_target = CliRunner().invoke(cli, ["build", "--target", "orin-nx-16gb", str(out), "--json"])
+    on_target = CliRunner().invoke(cli, ["build", str(out), "--target", "orin-nx-16gb", "--json"])
     assert on_target.exit_code == EXIT_ENGINES_DEFERRED
-    assert json.loads(on_target.stdout)["stages"] == {"optimize": "skipped (unchanged)", "quantize": "skipped (unchanged)"}
+    assert json.loads(on_target.stdout)["stages"] == {
+        "optimize": "skipped (unchanged)",
+        "quantize": "skipped (unchanged)",
+    }
 
 
 def test_a_configuration_that_does_not_fit_is_refused_with_the_numbers(bundle):
     out, _ = bundle
-    result = CliRunner().invoke(cli, ["build", "--target", "orin-nano-8gb", str(out), "--batch", "4096"])
-    assert result.exception.exit_code == EXIT_INPUT_ERROR  # what main() exits with
-    assert "--target orin-nano-8gb: tiny needs" in str(result.exception)
-    assert "KV cache (fp16, batch 4096" in str(result.exception)
+    result = CliRunner().invoke(cli, ["build", str(out), "--target", "orin-nano-8gb", "--batch", "4096"])
+    assert result.exit_code == EXIT_INPUT_ERROR
+    assert "error: --target orin-nano-8gb: tiny needs" in result.output
+    assert "KV cache (fp16, batch 4096" in result.output
 
 
-def test_bundle_or_checkpoint_is_required(tmp_path):
+def test_bundle_or_checkpoint_is_required(tmp_path, tiny_checkpoint):
     result = CliRunner().invoke(cli, ["build", "--target", "orin-nx-16gb"])
-    assert result.exit_code == 2 and "give either BUNDLE_DIR or --checkpoint" in result.output
-    result = CliRunner().invoke(cli, ["build", "--target", "orin-nx-16gb", str(tmp_path)])
-    assert result.exit_code != 0 and "neither a bundle" in str(result.exception)
+    assert result.exit_code == 2 and "Missing argument 'SOURCE'" in result.output
+    result = CliRunner().invoke(cli, ["build", str(tmp_path), "--target", "orin-nx-16gb"])
+    assert result.exit_code == 2 and "neither a checkpoint (config.json) nor a bundle" in result.output
+    result = CliRunner().invoke(cli, ["build", str(tiny_checkpoint), "--target", "orin-nx-16gb"])
+    assert result.exit_code == 2 and "is a checkpoint: give --out BUNDLE" in result.output
 
 
 def test_the_target_side_never_imports_torch_or_transformers(bundle, tmp_path):
@@ -101,9 +120,21 @@ def test_the_target_side_never_imports_torch_or_transformers(bundle, tmp_path):
         "main()\n"
     )
     commands = [
-        (["build", "--target", "orin-nx-16gb", str(out)], EXIT_ENGINES_DEFERRED),
+        (["build", str(out), "--target", "orin-nx-16gb"], EXIT_ENGINES_DEFERRED),
         (["verify", str(out), "--golden", str(out / "golden")], 0),
-        (["run", "--artifacts", str(out), "--image", str(out / "golden" / "image.png"), "--prompt", "What is it?", "--max-new-tokens", "4"], 0),
+        (
+            [
+                "run",
+                str(out),
+                "--image",
+                str(out / "golden" / "image.png"),
+                "--prompt",
+                "What is it?",
+                "--max-new-tokens",
+                "4",
+            ],
+            0,
+        ),
     ]
     for args, status in commands:
         done = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True)

@@ -5,15 +5,31 @@ from __future__ import annotations
 import pytest
 
 from mvlm_compile import contract
-from mvlm_compile.build.plan import GIB, BuildSettings, Geometry, check_fits, optimization_profiles, plan_memory
+from mvlm_compile.engine.plan import GIB, BuildSettings, Geometry, check_fits, optimization_profiles, plan_memory
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.recipes import load_recipe, load_targets
 
 # Model geometry as an artifacts manifest records it (../shared/model-facts.md).
 MODEL_CONTEXT = 2048
 MODELS = {
-    "mobilevlm-v2-1.7b": dict(hidden_size=2048, mm_hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16, head_dim=128, vocab_size=32000),
-    "mobilevlm-v2-7b": dict(hidden_size=4096, mm_hidden_size=1024, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, vocab_size=32000),
+    "mobilevlm-v2-1.7b": dict(
+        hidden_size=2048,
+        mm_hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=128,
+        vocab_size=32000,
+    ),
+    "mobilevlm-v2-7b": dict(
+        hidden_size=4096,
+        mm_hidden_size=1024,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -44,7 +60,9 @@ def test_1p7b_weights_and_kv_cache_by_hand():
 def test_7b_is_refused_on_orin_nano_with_the_numbers():
     recipe, target, _, _, plan = _plan("mobilevlm-v2-7b", "orin-nano-8gb")
     assert not plan.fits
-    with pytest.raises(MvlmError, match=r"--target orin-nano-8gb: mobilevlm-v2-7b needs \d+\.\d\d GiB .* budget is 4\.50 GiB") as err:
+    with pytest.raises(
+        MvlmError, match=r"--target orin-nano-8gb: mobilevlm-v2-7b needs \d+\.\d\d GiB .* budget is 4\.50 GiB"
+    ) as err:
         check_fits(plan, target, recipe)
     assert "decoder linear weights (int4, group 128)" in str(err.value)
     # A shorter context does not save it: the INT4 weights alone are 3.1 GiB.

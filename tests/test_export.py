@@ -111,10 +111,22 @@ def test_polygraphy_run_compares_a_graph_with_golden_as_is(tiny_artifacts):
 
     polygraphy = Path(sys.executable).with_name("polygraphy")
     done = subprocess.run(
-        [str(polygraphy), "run", str(tiny_artifacts / "projector.onnx"), "--onnxrt",
-         "--load-inputs", str(GOLDEN_TINY / "projector.inputs.json"),
-         "--load-outputs", str(GOLDEN_TINY / "projector.outputs.json"), "--atol", "1e-5", "--rtol", "1e-4"],
-        capture_output=True, text=True,
+        [
+            str(polygraphy),
+            "run",
+            str(tiny_artifacts / "projector.onnx"),
+            "--onnxrt",
+            "--load-inputs",
+            str(GOLDEN_TINY / "projector.inputs.json"),
+            "--load-outputs",
+            str(GOLDEN_TINY / "projector.outputs.json"),
+            "--atol",
+            "1e-5",
+            "--rtol",
+            "1e-4",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "PASSED" in done.stdout + done.stderr

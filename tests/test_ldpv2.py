@@ -55,7 +55,11 @@ def test_ldpv2_matches_independent_computation():
 def test_ldpv2_state_dict_keys_are_the_published_ones():
     keys = set(LDPNetV2Projector(8, 4).state_dict())
     assert keys == {
-        "mlp.mlp.0.weight", "mlp.mlp.0.bias", "mlp.mlp.2.weight", "mlp.mlp.2.bias",
-        "peg.peg.0.weight", "peg.peg.0.bias",
+        "mlp.mlp.0.weight",
+        "mlp.mlp.0.bias",
+        "mlp.mlp.2.weight",
+        "mlp.mlp.2.bias",
+        "peg.peg.0.weight",
+        "peg.peg.0.bias",
     }
     assert tuple(LDPNetV2Projector(8, 4).peg.peg[0].weight.shape) == (4, 1, 3, 3)

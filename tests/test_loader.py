@@ -110,7 +110,9 @@ def test_wrong_shape_is_named_with_both_shapes(tiny_checkpoint, tmp_path):
         t["model.mm_projector.peg.peg.0.weight"] = t["model.mm_projector.peg.peg.0.weight"].reshape(64, 9, 1, 1)
 
     _rewrite_weights(broken, transpose_peg)
-    with pytest.raises(CheckpointError, match=r"model\.mm_projector\.peg\.peg\.0\.weight is \[64, 9, 1, 1\], expected \[64, 1, 3, 3\]"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.mm_projector\.peg\.peg\.0\.weight is \[64, 9, 1, 1\], expected \[64, 1, 3, 3\]"
+    ):
         load_checkpoint(broken)
 
 

@@ -1,4 +1,4 @@
-"""PEG op: CUDA kernel, TensorRT plugin sources, and their Python side (mvlm_compile.build.plugin).
+"""PEG op: CUDA kernel, TensorRT plugin sources, and their Python side (mvlm_compile.peg_op, mvlm_compile.trt_env).
 
 What runs where:
   - everywhere: the contract and library lookup; the kernel compiled for Orin (sm_87) and
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from mvlm_compile.build import plugin
-from mvlm_compile.build.plugin import PEG_CONTRACT, PluginLibraryError
+from mvlm_compile import peg_op as plugin
+from mvlm_compile.peg_op import PEG_CONTRACT, PluginLibraryError
+from mvlm_compile.trt_env import load_plugin_library
 
 PEG_DIR = plugin.PEG_DIR
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
@@ -184,9 +185,7 @@ def test_kernel_entry_point_checks_arguments_before_touching_the_gpu(kernel_buil
     # Unknown dtype.
     assert lib.mvlmPegForward(fake_a, fake_a, fake_a, fake_b, 1, 4, 12, 12, 7, None) == CUDA_INVALID_VALUE
     # y overlapping x (1*4*12*12 fp32 = 2304 bytes): in place is not supported.
-    assert (
-        lib.mvlmPegForward(fake_a, fake_a, fake_a, fake_a + 2300, 1, 4, 12, 12, 0, None) == CUDA_INVALID_VALUE
-    )
+    assert lib.mvlmPegForward(fake_a, fake_a, fake_a, fake_a + 2300, 1, 4, 12, 12, 0, None) == CUDA_INVALID_VALUE
     with pytest.raises(ValueError, match="dtype must be one of"):
         plugin.peg_forward_gpu(lib, fake_a, fake_a, fake_a, fake_b, (1, 4, 12, 12), "bfloat16")
 
@@ -202,14 +201,14 @@ def test_plugin_compiles_against_tensorrt_headers(plugin_build):
 
 def test_plugin_registers_with_tensorrt(plugin_build):
     trt = pytest.importorskip("tensorrt", reason="the tensorrt Python module is not installed")
-    creator = plugin.load_plugin_library(plugin_build / plugin.PLUGIN_LIBRARY, trt)
+    creator = load_plugin_library(plugin_build / plugin.PLUGIN_LIBRARY, trt)
     assert (creator.name, creator.plugin_version, creator.plugin_namespace) == (
         PEG_CONTRACT["op_type"],
         PEG_CONTRACT["plugin_version"],
         PEG_CONTRACT["plugin_namespace"],
     )
     # A second call finds the registered creator instead of loading the library again.
-    assert plugin.load_plugin_library(plugin_build / plugin.PLUGIN_LIBRARY, trt) is not None
+    assert load_plugin_library(plugin_build / plugin.PLUGIN_LIBRARY, trt) is not None
     # What the ONNX parser does at build time: no fields, since getFieldNames() is empty.
     assert creator.create_plugin("peg", trt.PluginFieldCollection([]), trt.TensorRTPhase.BUILD) is not None
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mvlm_compile.errors import ArtifactError
 from mvlm_compile.manifest import load_manifest
-from mvlm_compile.quantize import int4, quantize_artifacts
+from mvlm_compile.quantize import QuantizeSettings, int4, quantize_artifacts, resolve_settings
 from mvlm_compile.quantize.decoder import AlreadyQuantizedError, Linear, is_kept
 from mvlm_compile.quantize.fp16 import convert_to_fp16
 from mvlm_compile.runtime.ort_backend import OrtBackend
@@ -57,12 +57,17 @@ def test_keep_names_match_last_component_or_dotted_suffix():
 @pytest.fixture(scope="module")
 def quantized(tiny_artifacts, tmp_path_factory):
     """RTN and AWQ of the tiny FP32 export, written to other directories (the source is untouched)."""
+    from mvlm_compile.verify.accuracy import evaluate_artifacts
+
     root = tmp_path_factory.mktemp("quantized")
-    return {m: quantize_artifacts(tiny_artifacts, method=m, golden=GOLDEN_TINY, out=root / m) for m in ("rtn", "awq")}
+    settings = {m: resolve_settings(load_manifest(tiny_artifacts), method=m) for m in ("rtn", "awq")}
+    reports = {m: quantize_artifacts(tiny_artifacts, s, out=root / m) for m, s in settings.items()}
+    # Accuracy is measured after quantizing, against the unquantized source (the reference).
+    return {m: (r, evaluate_artifacts(r.artifacts, GOLDEN_TINY, reference=tiny_artifacts)) for m, r in reports.items()}
 
 
 def test_int4_graph_form_for_tensorrt(quantized):
-    report = quantized["awq"]
+    report, _ = quantized["awq"]
     model = onnx.load(str(load_manifest(report.artifacts).graph_path(report.artifacts, "decoder")))
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == 10 and {o.domain: o.version for o in model.opset_import}[""] == 21
@@ -93,14 +98,16 @@ def test_int4_graph_form_for_tensorrt(quantized):
     assert {manifest.graphs[g]["dtype"] for g in ("vision", "projector")} == {"fp16"}
     stage = manifest.stages["quantize"]
     assert stage["method"] == "awq" and stage["group_size"] == 32 and "lm_head" in stage["keep_fp16"]
-    assert stage["calibration"]["tokens"] > 1000 and "decoder" in stage["report"]
+    assert stage["calibration"]["tokens"] > 1000 and stage["report"]["sizes"]["int4_vs_fp16"] < 0.5
     assert not (Path(report.artifacts) / "decoder.onnx.data").exists()
 
 
 def test_int4_decoder_accuracy_on_tiny_and_awq_beats_rtn(quantized):
     # Measured (tiny, group 32, teacher-forced 256 positions): RTN top-1 0.758, KL 0.120,
     # cosine 0.9888; AWQ (scales + clip) top-1 0.777, KL 0.0735, cosine 0.9933.
-    metrics = {m: r.accuracy["decoder"]["teacher_forced"] for m, r in quantized.items()}
+    from mvlm_compile.verify.accuracy import accuracy_table
+
+    metrics = {m: accuracy["decoder"]["teacher_forced"] for m, (_, accuracy) in quantized.items()}
     for m in metrics.values():
         assert m["positions"] == 224 + 32
         assert m["logits_cosine"] >= 0.985 and m["top1_agreement"] >= 0.70 and m["kl_mean"] <= 0.15
@@ -108,14 +115,14 @@ def test_int4_decoder_accuracy_on_tiny_and_awq_beats_rtn(quantized):
     assert metrics["awq"]["logits_cosine"] > metrics["rtn"]["logits_cosine"]
     assert metrics["awq"]["top1_agreement"] >= metrics["rtn"]["top1_agreement"]
     # Every AWQ group does at least as well as RTN on the calibration loss (alpha = 0 is RTN).
-    for record in quantized["awq"].linears:
+    for record in quantized["awq"][0].linears:
         if record["quantized"]:
             assert record["loss_awq"] <= record["loss_rtn"]
-    assert "teacher_forced" in quantized["awq"].table()
+    assert "teacher_forced" in accuracy_table(quantized["awq"][1])
 
 
 def test_fp16_vision_and_projector_pass_the_fp16_tolerance(quantized):
-    backend = OrtBackend(quantized["rtn"].artifacts)
+    backend = OrtBackend(quantized["rtn"][0].artifacts)
     checks = check_components(backend, GOLDEN_TINY, components=("vision", "projector"))
     assert len(checks) == 2
     for check in checks:
@@ -129,28 +136,30 @@ def test_fp16_vision_and_projector_pass_the_fp16_tolerance(quantized):
 def test_quantizing_twice_is_refused(tiny_artifacts, tmp_path):
     work = tmp_path / "artifacts"
     shutil.copytree(tiny_artifacts, work)
-    first = quantize_artifacts(work, method="rtn")  # in place
+    rtn = QuantizeSettings.resolve(None, method="rtn", group_size=32)
+    first = quantize_artifacts(work, rtn)  # in place
     assert first.graphs["decoder"]["dtype"] == "int4"
     before = (work / "decoder.onnx").read_bytes()
     with pytest.raises(AlreadyQuantizedError, match="already INT4") as info:
-        quantize_artifacts(work, method="awq")
+        quantize_artifacts(work, QuantizeSettings.resolve(None, method="awq", group_size=32))
     assert isinstance(info.value, ArtifactError) and info.value.exit_code == 2
     with pytest.raises(AlreadyQuantizedError):
-        quantize_artifacts(work, method="rtn", out=tmp_path / "again")
+        quantize_artifacts(work, rtn, out=tmp_path / "again")
     assert (work / "decoder.onnx").read_bytes() == before and not (tmp_path / "again").exists()
     # The graph itself is checked too, not only the manifest's word.
     manifest = load_manifest(work)
     manifest.graphs["decoder"]["dtype"] = "fp32"
     manifest.save(work)
     with pytest.raises(AlreadyQuantizedError):
-        quantize_artifacts(work, method="rtn")
+        quantize_artifacts(work, rtn)
 
 
 def test_fp16_decoder_gets_fp16_scales(tiny_checkpoint, tmp_path):
     from mvlm_compile.export.exporter import export_artifacts
 
     export_artifacts(tiny_checkpoint, tmp_path / "fp16", dtype="fp16")
-    report = quantize_artifacts(tmp_path / "fp16", method="rtn", keep_fp16=("embed_tokens",))
+    settings = resolve_settings(load_manifest(tmp_path / "fp16"), method="rtn", keep_fp16=("embed_tokens",))
+    report = quantize_artifacts(tmp_path / "fp16", settings)
     assert report.graphs["vision"]["action"] == "unchanged"
     model = onnx.load(str(tmp_path / "fp16" / "decoder.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
@@ -170,12 +179,18 @@ def test_fp16_conversion_leaves_custom_domain_ops_alone():
     stay, its weight/bias initializers become FP16 like x."""
     c = 4
     peg = helper.make_node(
-        "MvlmPEG", ["x", "peg.weight", "peg.bias"], ["y"], name="/peg/MvlmPEG", domain="ai.onnx.contrib",
-        plugin_version="1", plugin_namespace="mvlm_compile",
+        "MvlmPEG",
+        ["x", "peg.weight", "peg.bias"],
+        ["y"],
+        name="/peg/MvlmPEG",
+        domain="ai.onnx.contrib",
+        plugin_version="1",
+        plugin_namespace="mvlm_compile",
     )
     ln = helper.make_node("LayerNormalization", ["y", "ln.scale", "ln.bias"], ["z"], name="/ln", axis=1)
     graph = helper.make_graph(
-        [peg, ln], "g",
+        [peg, ln],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 3, 3])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, c, 3, 3])],
         [
@@ -185,7 +200,9 @@ def test_fp16_conversion_leaves_custom_domain_ops_alone():
             numpy_helper.from_array(np.zeros((c, 3, 3), np.float32), "ln.bias"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.onnx.contrib", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.onnx.contrib", 1)]
+    )
     for keep in ((), ("LayerNormalization",)):
         out = convert_to_fp16(model, keep)
         node = next(n for n in out.graph.node if n.op_type == "MvlmPEG")

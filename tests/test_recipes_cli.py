@@ -10,7 +10,6 @@ import pytest
 from mvlm_compile.model.config import load_mobilevlm_config
 from mvlm_compile.recipes import architecture_mismatches, load_recipe, load_targets, recipe_for
 
-
 # From ../shared/model-facts.md (the paper and the authors' configs).
 MODEL_FACTS = {
     "mobilevlm-v2-1.7b": (2048, 24, 16, 5632),
@@ -24,10 +23,19 @@ def test_recipes_follow_the_model_facts(name):
     recipe = load_recipe(name)
     decoder = recipe.architecture["decoder"]
     hidden, layers, heads, mlp = MODEL_FACTS[name]
-    assert (decoder["hidden_size"], decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["intermediate_size"]) == (hidden, layers, heads, mlp)
+    assert (
+        decoder["hidden_size"],
+        decoder["num_hidden_layers"],
+        decoder["num_attention_heads"],
+        decoder["intermediate_size"],
+    ) == (hidden, layers, heads, mlp)
     assert recipe.architecture["vision"] == {
-        "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-        "image_size": 336, "patch_size": 14, "select_layer": -2,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+        "select_layer": -2,
     }
     assert recipe.precision["decoder"]["weights"] == "int4"
     assert recipe.precision["vision"] == recipe.precision["projector"] == "fp16"
@@ -62,7 +70,16 @@ def test_help_does_not_import_torch():
 def test_bad_checkpoint_gives_one_line_error_and_status_2(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     result = subprocess.run(
-        [sys.executable, "-m", "mvlm_compile.cli", "golden", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "g")],
+        [
+            sys.executable,
+            "-m",
+            "mvlm_compile.cli",
+            "golden",
+            "--checkpoint",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "g"),
+        ],
         capture_output=True,
         text=True,
     )

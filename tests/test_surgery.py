@@ -16,20 +16,26 @@ import pytest
 import torch
 from conftest import GOLDEN_TINY
 
-from mvlm_compile import contract
-from mvlm_compile.build.plugin import PEG_CONTRACT
+from mvlm_compile import contract, peg_op
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.export.exporter import export_artifacts
 from mvlm_compile.fileio import sha256_file
 from mvlm_compile.manifest import load_manifest
 from mvlm_compile.model.ldpv2 import LDPNetV2Projector
 from mvlm_compile.onnx_io import save_model
+from mvlm_compile.peg_op import PEG_CONTRACT, peg_numpy
 from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session
 from mvlm_compile.runtime.pipeline import Pipeline
-from mvlm_compile.surgery import optimize_artifacts, optimize_command_rows, peg_reference
-from mvlm_compile.surgery.optimize import DEFAULT_DECODER_SEQ, optimize_graph
-from mvlm_compile.surgery.passes import PassContext, PatternMissing, fold_constants, ldpv2_pool_first, peg_to_plugin, rmsnorm_check
-from mvlm_compile.surgery.peg_reference import peg_numpy
+from mvlm_compile.surgery import optimize_artifacts
+from mvlm_compile.surgery.optimize import DEFAULT_DECODER_SEQ, ROW_HEADER, optimize_graph
+from mvlm_compile.surgery.passes import (
+    PassContext,
+    PatternMissing,
+    fold_constants,
+    ldpv2_pool_first,
+    peg_to_plugin,
+    rmsnorm_check,
+)
 from mvlm_compile.verify.components import check_components
 from mvlm_compile.verify.golden_io import load_component, load_generation
 
@@ -105,14 +111,23 @@ def test_peg_node_follows_the_op_contract(optimized):
 def _peg_torch(x, weight, bias):
     x32 = torch.from_numpy(x.astype(np.float32))
     conv = torch.nn.functional.conv2d(
-        x32, torch.from_numpy(weight.astype(np.float32)), torch.from_numpy(bias.astype(np.float32)), padding=1, groups=x.shape[1]
+        x32,
+        torch.from_numpy(weight.astype(np.float32)),
+        torch.from_numpy(bias.astype(np.float32)),
+        padding=1,
+        groups=x.shape[1],
     )
     return (conv + x32).numpy()
 
 
 def _single_peg_model(weight, bias, shape, elem_type):
     node = onnx.helper.make_node(
-        "MvlmPEG", ["x", "weight", "bias"], ["y"], domain="ai.onnx.contrib", plugin_version="1", plugin_namespace="mvlm_compile"
+        "MvlmPEG",
+        ["x", "weight", "bias"],
+        ["y"],
+        domain="ai.onnx.contrib",
+        plugin_version="1",
+        plugin_namespace="mvlm_compile",
     )
     graph = onnx.helper.make_graph(
         [node],
@@ -121,12 +136,16 @@ def _single_peg_model(weight, bias, shape, elem_type):
         [onnx.helper.make_tensor_value_info("y", elem_type, ["batch", *shape[1:]])],
         [onnx.numpy_helper.from_array(weight, "weight"), onnx.numpy_helper.from_array(bias, "bias")],
     )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("ai.onnx.contrib", 1)])
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("ai.onnx.contrib", 1)]
+    )
     model.ir_version = 10
     return model
 
 
-@pytest.mark.parametrize("dtype, elem_type, atol", [(np.float32, onnx.TensorProto.FLOAT, 1e-5), (np.float16, onnx.TensorProto.FLOAT16, 1e-2)])
+@pytest.mark.parametrize(
+    "dtype, elem_type, atol", [(np.float32, onnx.TensorProto.FLOAT, 1e-5), (np.float16, onnx.TensorProto.FLOAT16, 1e-2)]
+)
 def test_peg_reference_op_in_onnx_runtime_matches_torch_depthwise_conv(tmp_path, dtype, elem_type, atol):
     rng = np.random.default_rng(0)
     shape = (2, 8, 12, 12)
@@ -144,7 +163,7 @@ def test_peg_reference_op_in_onnx_runtime_matches_torch_depthwise_conv(tmp_path,
 
 def test_running_the_peg_op_without_onnxruntime_extensions_is_a_clear_error(optimized, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)  # makes its import fail
-    monkeypatch.setattr(peg_reference, "_library_path", peg_reference._library_path.__wrapped__)  # uncached
+    monkeypatch.setattr(peg_op, "_library_path", peg_op._library_path.__wrapped__)  # uncached
     with pytest.raises(MvlmError, match="install onnxruntime-extensions to run the PEG op in ONNX Runtime"):
         ort_session(optimized[0] / "projector.onnx")
     ort_session(optimized[0] / "vision.onnx")  # graphs without the op never need it
@@ -178,7 +197,11 @@ def test_pool_first_equals_the_unrewritten_projector(tiny_artifacts):
         before, after = _run(exported, inputs), _run(rewritten, inputs)
         assert after.shape == before.shape
         np.testing.assert_allclose(after, before, atol=1e-5 * np.abs(before).max())
-    np.testing.assert_allclose(_run(rewritten, feed), expected[contract.PROJECTOR_OUTPUT], atol=1e-4 * np.abs(expected[contract.PROJECTOR_OUTPUT]).max())
+    np.testing.assert_allclose(
+        _run(rewritten, feed),
+        expected[contract.PROJECTOR_OUTPUT],
+        atol=1e-4 * np.abs(expected[contract.PROJECTOR_OUTPUT]).max(),
+    )
     again, (second,) = _apply(rewritten, ldpv2_pool_first)
     assert second.startswith("already rewritten") and len(again.graph.node) == len(rewritten.graph.node)
 
@@ -213,7 +236,9 @@ def test_projector_without_peg_is_an_error_unless_allowed(tiny_artifacts, tmp_pa
     out = shutil.copytree(tiny_artifacts, tmp_path / "no_peg")
     no_peg = _without_peg(onnx.load(str(tiny_artifacts / "projector.onnx")))
     save_model(no_peg, out / "projector.onnx")
-    with pytest.raises(MvlmError, match=r"projector.onnx: pass peg_to_plugin: expected a PEG block.*--allow-missing peg_to_plugin"):
+    with pytest.raises(
+        MvlmError, match=r"projector.onnx: pass peg_to_plugin: expected a PEG block.*--allow-missing peg_to_plugin"
+    ):
         optimize_artifacts(out)
     with pytest.raises(MvlmError, match="no such pass"):
         optimize_artifacts(out, allow_missing=["peg_to_plug"])
@@ -249,7 +274,10 @@ def _decompose_layernorms(model):
         x, gamma, beta = ln.inputs
         dtype = gamma.values.dtype
         axes = gs.Constant(f"ln{i}/axes", np.array([-1], np.int64))
-        t = {name: gs.Variable(f"ln{i}/{name}", dtype=dtype) for name in ("mean", "d", "sq", "var", "var_eps", "std", "n", "scaled")}
+        t = {
+            name: gs.Variable(f"ln{i}/{name}", dtype=dtype)
+            for name in ("mean", "d", "sq", "var", "var_eps", "std", "n", "scaled")
+        }
         y = ln.outputs[0]
         ln.outputs.clear()
         graph.nodes += [
@@ -257,7 +285,11 @@ def _decompose_layernorms(model):
             gs.Node("Sub", inputs=[x, t["mean"]], outputs=[t["d"]]),
             gs.Node("Pow", inputs=[t["d"], gs.Constant(f"ln{i}/two", np.array(2, dtype))], outputs=[t["sq"]]),
             gs.Node("ReduceMean", inputs=[t["sq"], axes], outputs=[t["var"]]),
-            gs.Node("Add", inputs=[t["var"], gs.Constant(f"ln{i}/eps", np.array(ln.attrs.get("epsilon", 1e-5), dtype))], outputs=[t["var_eps"]]),
+            gs.Node(
+                "Add",
+                inputs=[t["var"], gs.Constant(f"ln{i}/eps", np.array(ln.attrs.get("epsilon", 1e-5), dtype))],
+                outputs=[t["var_eps"]],
+            ),
             gs.Node("Sqrt", inputs=[t["var_eps"]], outputs=[t["std"]]),
             gs.Node("Div", inputs=[t["d"], t["std"]], outputs=[t["n"]]),
             gs.Node("Mul", inputs=[t["n"], gamma], outputs=[t["scaled"]]),
@@ -299,7 +331,7 @@ def test_second_optimize_changes_nothing(optimized, tmp_path):
 
 def test_report_rows_json_and_manifest(optimized, tiny_artifacts):
     out, report = optimized
-    header, rows = optimize_command_rows(report)
+    header, rows = ROW_HEADER, report.rows()
     assert header == ("graph", "pass", "result", "nodes", "MACs", "what")
     by_pass = {row[:2]: row[2:] for row in rows}
     assert by_pass["projector", "ldpv2_pool_first"][:3] == ("changed", "29 -> 31", "4.8M -> 3.03M")
@@ -307,7 +339,14 @@ def test_report_rows_json_and_manifest(optimized, tiny_artifacts):
     assert json.loads(json.dumps(report.to_json()))["changed"] is True
     manifest, exported = load_manifest(out), load_manifest(tiny_artifacts)
     record = manifest.stages["optimize"]
-    assert record["passes"]["projector"] == ["cleanup", "fold_constants", "remove_identity_casts", "ldpv2_pool_first", "peg_to_plugin", "infer_shapes"]
+    assert record["passes"]["projector"] == [
+        "cleanup",
+        "fold_constants",
+        "remove_identity_casts",
+        "ldpv2_pool_first",
+        "peg_to_plugin",
+        "infer_shapes",
+    ]
     assert len(record["report"]) == len(report.records) and record["dims"]["seq"] == DEFAULT_DECODER_SEQ
     for name in GRAPHS:
         assert manifest.graphs[name]["sha256"] == sha256_file(out / f"{name}.onnx") != exported.graphs[name]["sha256"]
@@ -327,7 +366,10 @@ def test_clean_ups_fold_constants_and_identity_casts_but_keep_rmsnorm(optimized,
         assert not _nodes(out / f"{name}.onnx", "Constant")
         assert _record(report, name, "fold_constants").nodes[1] < _record(report, name, "fold_constants").nodes[0]
     # FP32 export: the RMSNorm's float->float casts (2 per norm) and int/bool no-op casts go
-    assert _record(report, "decoder", "remove_identity_casts").detail == "removed 22 Casts to the type their input already has"
+    assert (
+        _record(report, "decoder", "remove_identity_casts").detail
+        == "removed 22 Casts to the type their input already has"
+    )
     assert _record(report, "decoder", "rmsnorm_check").detail == "5 RMSNorm chains intact"
     for op in ("Pow", "ReduceMean", "Sqrt"):
         assert len(_nodes(out / "decoder.onnx", op)) == 5
@@ -347,7 +389,12 @@ def _projector_macs(mm_hidden, hidden, tokens=576, pooled=144):
 def test_macs_match_hand_counts(optimized, tiny_checkpoint):
     totals = optimized[1].totals()
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    vision, h, inter, heads = config["vision_config"], config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    vision, h, inter, heads = (
+        config["vision_config"],
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_attention_heads"],
+    )
     assert totals["projector"]["macs"] == _projector_macs(config["mm_hidden_size"], h)
     # vision: patch conv + the one layer below mm_vision_select_layer = -2, on 577 tokens
     w, t = vision["hidden_size"], 577

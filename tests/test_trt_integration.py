@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 from conftest import GOLDEN_TINY
 
-from mvlm_compile.build.engines import import_tensorrt
-from mvlm_compile.build.gpu import query_gpu
-from mvlm_compile.build.plugin import PluginLibraryError, find_plugin_library
+from mvlm_compile.peg_op import PluginLibraryError, find_plugin_library
 from mvlm_compile.recipes import load_targets
+from mvlm_compile.trt_env import import_tensorrt, query_gpu
 
 trt, why_not = import_tensorrt()
 gpu = query_gpu() if trt is not None else None
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 
 def test_tiny_engines_build_and_match_golden(tiny_checkpoint, tmp_path):
-    from mvlm_compile.build.pipeline import build
+    from mvlm_compile.bundle import build
     from mvlm_compile.recipes import load_recipe
     from mvlm_compile.runtime.trt_backend import TrtBackend
     from mvlm_compile.verify.verifier import verify

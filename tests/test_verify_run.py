@@ -47,7 +47,10 @@ def test_verify_names_the_first_diverging_node(tiny_artifacts, tmp_path):
     report = tmp_path / "r.json"
     result = _invoke("verify", broken, "--golden", GOLDEN_TINY, "--report", report)
     assert result.exit_code == 1
-    assert "decoder_prefill: first diverging node /language_model/model/layers.1/mlp/down_proj/MatMul (MatMul)" in result.output
+    assert (
+        "decoder_prefill: first diverging node /language_model/model/layers.1/mlp/down_proj/MatMul (MatMul)"
+        in result.output
+    )
     data = json.loads(report.read_text())
     assert not data["passed"]
     assert {c["component"] for c in data["components"] if not c["passed"]} == {"decoder_prefill", "decoder_decode"}
@@ -55,15 +58,24 @@ def test_verify_names_the_first_diverging_node(tiny_artifacts, tmp_path):
 
 def test_verify_missing_golden_is_an_input_error(tiny_artifacts, tmp_path):
     result = CliRunner().invoke(cli, ["verify", str(tiny_artifacts), "--golden", str(tmp_path)])
-    assert result.exit_code != 0
-    assert "missing golden file for component 'vision'" in str(result.exception)
+    assert result.exit_code == 2
+    assert "missing golden file for component 'vision'" in result.output
 
 
 def test_run_streams_the_same_text_it_returns(tiny_artifacts, tmp_path):
     from mvlm_compile.model.preprocess import golden_image
 
     golden_image().save(tmp_path / "image.png")
-    args = ("run", "--artifacts", tiny_artifacts, "--image", tmp_path / "image.png", "--prompt", "What is in the image?", "--max-new-tokens", 12)
+    args = (
+        "run",
+        tiny_artifacts,
+        "--image",
+        tmp_path / "image.png",
+        "--prompt",
+        "What is in the image?",
+        "--max-new-tokens",
+        12,
+    )
     whole = _invoke(*args)
     streamed = _invoke(*args, "--stream")
     assert whole.exit_code == streamed.exit_code == 0
@@ -75,10 +87,10 @@ def test_run_refuses_a_prompt_longer_than_the_context(tiny_artifacts, tmp_path):
 
     golden_image().save(tmp_path / "image.png")
     result = CliRunner().invoke(
-        cli, ["run", "--artifacts", str(tiny_artifacts), "--image", str(tmp_path / "image.png"), "--prompt", "word " * 400]
+        cli, ["run", str(tiny_artifacts), "--image", str(tmp_path / "image.png"), "--prompt", "word " * 400]
     )
-    assert result.exit_code != 0
-    assert "exceed the context of 512" in str(result.exception)
+    assert result.exit_code == 2
+    assert "exceed the context of 512" in result.output
 
 
 def test_sampling_is_reproducible_and_differs_from_greedy(tiny_artifacts):
@@ -95,7 +107,20 @@ def test_sampling_is_reproducible_and_differs_from_greedy(tiny_artifacts):
 
 def test_bench_reports_every_stage(tiny_artifacts, tmp_path):
     out = tmp_path / "bench.json"
-    result = _invoke("bench", tiny_artifacts, "--repeats", 1, "--warmup", 0, "--decode-steps", 2, "--prompt-tokens", 160, "--json", out)
+    result = _invoke(
+        "bench",
+        tiny_artifacts,
+        "--repeats",
+        1,
+        "--warmup",
+        0,
+        "--decode-steps",
+        2,
+        "--prompt-tokens",
+        160,
+        "--report",
+        out,
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())["ort"]
     assert set(data) >= {"vision", "projector", "prefill", "decode", "peak_rss_gib"}

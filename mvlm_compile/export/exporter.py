@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -34,7 +34,9 @@ IR_VERSION = 10
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
+def _export(
+    module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict
+) -> None:
     """TorchScript-based export (torch.export cannot yet trace transformers' cache with a
     zero-length past), then IR 10, with the weights in one external file above 2 GB."""
     scratch = path.parent / f".{path.stem}.export"  # the exporter scatters one file per tensor above 2 GB

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,9 @@ def _save_component(out: Path, name: str, inputs: dict[str, torch.Tensor], outpu
     run_results.save(str(out / f"{name}.outputs.json"))
 
 
-def _kv_dict(cache: list[tuple[torch.Tensor, torch.Tensor]], names: Callable[[int], tuple[str, str]]) -> dict[str, torch.Tensor]:
+def _kv_dict(
+    cache: list[tuple[torch.Tensor, torch.Tensor]], names: Callable[[int], tuple[str, str]]
+) -> dict[str, torch.Tensor]:
     out = {}
     for layer, (key, value) in enumerate(cache):
         key_name, value_name = names(layer)
@@ -104,7 +107,10 @@ def write_golden(
         **_kv_dict(present, contract.past_names),
     }
     decode_logits, decode_present = model.decode(
-        decode_in[contract.DECODER_EMBEDS], decode_in[contract.DECODER_MASK], decode_in[contract.DECODER_POSITIONS], present
+        decode_in[contract.DECODER_EMBEDS],
+        decode_in[contract.DECODER_MASK],
+        decode_in[contract.DECODER_POSITIONS],
+        present,
     )
     generated, margins = model.greedy_generate(inputs_embeds, max_new_tokens)
 
@@ -138,7 +144,9 @@ def write_golden(
     }
     with atomic_output_dir(out) as tmp:
         _save_component(tmp, "vision", {contract.VISION_INPUT: pixel_values}, {contract.VISION_OUTPUT: image_features})
-        _save_component(tmp, "projector", {contract.PROJECTOR_INPUT: image_features}, {contract.PROJECTOR_OUTPUT: image_embeds})
+        _save_component(
+            tmp, "projector", {contract.PROJECTOR_INPUT: image_features}, {contract.PROJECTOR_OUTPUT: image_embeds}
+        )
         _save_component(
             tmp,
             "decoder_prefill",

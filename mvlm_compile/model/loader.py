@@ -9,9 +9,9 @@ Every tensor is checked by name and shape before anything is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,7 +55,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: never unpickle arbitrary objects from a checkpoint.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a weights-only PyTorch file ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _scan(path: Path) -> WeightFile:
@@ -177,7 +179,9 @@ def published_name(model_key: str, vision_prefix: str, clip_dir: str | None = No
     return model_key[len("language_model.") :]
 
 
-def _sources(files: list[WeightFile], vision: VisionSource, vision_prefix: str) -> Iterator[tuple[WeightFile, str, str]]:
+def _sources(
+    files: list[WeightFile], vision: VisionSource, vision_prefix: str
+) -> Iterator[tuple[WeightFile, str, str]]:
     """(weight file, file key, reference key) for every tensor found, ignored ones left out."""
     for f in files:
         for key in f.shapes:
@@ -187,7 +191,11 @@ def _sources(files: list[WeightFile], vision: VisionSource, vision_prefix: str) 
         for key in f.shapes:
             if key.endswith(_IGNORED_SUFFIXES) or key.startswith(_CLIP_NON_VISION_PREFIXES):
                 continue
-            inner = key[len(CLIP_VISION_PREFIX) :] if key.startswith(CLIP_VISION_PREFIX) else f"<outside vision_model>.{key}"
+            inner = (
+                key[len(CLIP_VISION_PREFIX) :]
+                if key.startswith(CLIP_VISION_PREFIX)
+                else f"<outside vision_model>.{key}"
+            )
             yield f, key, vision_prefix + inner
 
 
@@ -233,7 +241,9 @@ def load_checkpoint(
     problems = []
     if missing:
         clip_dir = vision.description if vision.from_clip_dir else None
-        problems.append(_summarise("missing tensors", [published_name(k, model.vision_prefix, clip_dir) for k in missing]))
+        problems.append(
+            _summarise("missing tensors", [published_name(k, model.vision_prefix, clip_dir) for k in missing])
+        )
     if misshaped:
         problems.append(_summarise("mis-shaped tensors", misshaped))
     if unexpected:

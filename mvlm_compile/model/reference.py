@@ -7,7 +7,8 @@ Eager attention everywhere: plain, reproducible math for golden tensors.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

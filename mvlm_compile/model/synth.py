@@ -9,9 +9,10 @@ generator seeded by (seed, tensor name), so the bytes depend only on preset, see
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,7 +192,9 @@ def write_synthetic_checkpoint(
     is_real_tower = preset.vision == KNOWN_VISION_TOWERS[CLIP_HUB_NAME]
     config = mobilevlm_config_json(preset, embed_vision_config=not separate and not is_real_tower)
     config["mvlm_compile_synthetic"] = {"preset": preset_name, "seed": seed}
-    config["torch_dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[torch_dtype]
+    config["torch_dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[
+        torch_dtype
+    ]
 
     with atomic_output_dir(out) as tmp:
         write_json(tmp / "config.json", config)

@@ -10,9 +10,9 @@ evaluation only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,12 +23,15 @@ from mvlm_compile.manifest import Manifest
 from mvlm_compile.model.preprocess import golden_image, load_image, preprocess_image
 from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
 from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session
-from mvlm_compile.runtime.pipeline import Pipeline, decoder_feed
+from mvlm_compile.runtime.pipeline import Pipeline, decoder_feed, empty_kv_cache
 
 # (question, answer): the answer text makes the calibration see assistant-side positions too.
 CALIBRATION_TEXTS = (
     ("What colours can you see in this picture?", "I can see red, green and blue, with a yellow circle."),
-    ("How many shapes are there, and where are they?", "There is one round shape near the top right and stripes at the bottom."),
+    (
+        "How many shapes are there, and where are they?",
+        "There is one round shape near the top right and stripes at the bottom.",
+    ),
     ("Is there any text in the image? Read it.", "No, there is no text in the image."),
     ("Describe the background of the scene.", "The background is a smooth gradient from dark to light."),
     ("What is the main object, and what colour is it?", "The main object is a circle. It is yellow."),
@@ -56,7 +59,10 @@ def calibration_images() -> list[tuple[str, Image.Image]]:
         ("golden_image mirrored", ImageOps.mirror(base)),
         ("golden_image rotated 90 degrees", base.rotate(90, expand=True)),
         ("golden_image colours inverted", ImageOps.invert(base)),
-        ("golden_image centre crop 200x150 in greyscale", ImageOps.grayscale(base.crop((100, 75, 300, 225))).convert("RGB")),
+        (
+            "golden_image centre crop 200x150 in greyscale",
+            ImageOps.grayscale(base.crop((100, 75, 300, 225))).convert("RGB"),
+        ),
         ("checkerboard 480x320", _checkerboard()),
         ("smooth random colours (seed 0)", _smooth_noise(0)),
     ]
@@ -71,8 +77,15 @@ class CalibrationSpec:
     max_samples: int = 6
 
     def describe(self) -> str:
-        source = f"images from {self.images}" if self.images else "built-in images made in code (golden image transformed, checkerboard, smooth noise)"
-        return f"{self.max_samples} sequences at most, batch 1: {source}, v1-template questions with short answers (not the golden prompt)"
+        source = (
+            f"images from {self.images}"
+            if self.images
+            else "built-in images made in code (golden image transformed, checkerboard, smooth noise)"
+        )
+        return (
+            f"{self.max_samples} sequences at most, batch 1: {source}, "
+            "v1-template questions with short answers (not the golden prompt)"
+        )
 
 
 @dataclass
@@ -80,7 +93,6 @@ class Calibration:
     captures: dict[str, np.ndarray]  # tensor name -> [tokens, features] float32 (all sequences concatenated)
     tokens: int
     sequences: list[dict] = field(default_factory=list)  # per sequence: image, question, length
-    extra_logits: list[np.ndarray] = field(default_factory=list)  # FP32 logits of extra sequences
 
 
 def _tokenizer_encode(artifacts: Path, manifest: Manifest) -> Callable[[str], list[int]]:
@@ -94,10 +106,14 @@ def _tokenizer_encode(artifacts: Path, manifest: Manifest) -> Callable[[str], li
     return lambda text: tokenizer.encode(text).ids
 
 
-def calibration_sequences(artifacts: Path, manifest: Manifest, spec: CalibrationSpec, progress=lambda m: None) -> tuple[list[np.ndarray], list[dict]]:
+def calibration_sequences(
+    artifacts: Path, manifest: Manifest, spec: CalibrationSpec, progress=lambda m: None
+) -> tuple[list[np.ndarray], list[dict]]:
     """inputs_embeds [1, seq, hidden] per calibration sample, through the FP32/FP16 vision and projector graphs."""
     if spec.images is not None:
-        files = sorted(p for p in Path(spec.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        files = sorted(
+            p for p in Path(spec.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+        )
         if not files:
             raise MvlmError(f"--calib-images {spec.images}: no image files (.png, .jpg, .jpeg, .bmp, .webp)")
         images = [(p.name, load_image(p)) for p in files]
@@ -105,20 +121,21 @@ def calibration_sequences(artifacts: Path, manifest: Manifest, spec: Calibration
         images = calibration_images()
     # Only vision and projector sessions open here: the decoder (5.6 GB at 1.7B FP32) is run
     # by collect() with its Linear inputs exposed.
-    pipeline = Pipeline(OrtBackend(artifacts, manifest))
     encode = _tokenizer_encode(artifacts, manifest)
     bos = int(manifest.model["bos_token_id"])
     embeds, described = [], []
-    count = min(spec.max_samples, max(len(images), len(spec.texts)))
-    for i in range(count):
-        name, image = images[i % len(images)]
-        question, answer = spec.texts[i % len(spec.texts)]
-        progress(f"calibration sequence {i + 1}/{count}: {name}")
-        ids = tokenize_with_image(f"{build_prompt(question)} {answer}", encode, bos)
-        image_embeds = pipeline.image_embeds(preprocess_image(image))
-        sequence = pipeline.splice(ids, image_embeds)
-        embeds.append(np.asarray(sequence, np.float32))
-        described.append({"image": name, "question": question, "tokens": int(sequence.shape[1])})
+    with OrtBackend(artifacts, manifest) as backend:
+        pipeline = Pipeline(backend)
+        count = min(spec.max_samples, max(len(images), len(spec.texts)))
+        for i in range(count):
+            name, image = images[i % len(images)]
+            question, answer = spec.texts[i % len(spec.texts)]
+            progress(f"calibration sequence {i + 1}/{count}: {name}")
+            ids = tokenize_with_image(f"{build_prompt(question)} {answer}", encode, bos)
+            image_embeds = pipeline.image_embeds(preprocess_image(image))
+            sequence = pipeline.splice(ids, image_embeds)
+            embeds.append(np.asarray(sequence, np.float32))
+            described.append({"image": name, "question": question, "tokens": int(sequence.shape[1])})
     return embeds, described
 
 
@@ -127,27 +144,19 @@ def collect(
     manifest: Manifest,
     tensors: Sequence[str],
     spec: CalibrationSpec,
-    extra_sequences: Sequence[np.ndarray] = (),
     progress=lambda m: None,
 ) -> Calibration:
-    """Run the (unquantized) decoder on the calibration sequences, capturing `tensors`; also the
-    logits of `extra_sequences` (the evaluation's FP32 reference), from the same session."""
+    """Run the (unquantized) decoder on the calibration sequences, capturing `tensors`."""
     embeds, described = calibration_sequences(artifacts, manifest, spec, progress)
     progress("decoder: capturing the Linear inputs")
     session = ort_session(manifest.graph_path(artifacts, "decoder"), extra_outputs=tensors)
     dtype = manifest.input_dtype("decoder", contract.DECODER_EMBEDS)
-    empty = [np.zeros((1, int(manifest.model["num_kv_heads"]), 0, int(manifest.model["head_dim"])), dtype)] * (
-        2 * int(manifest.model["num_layers"])
-    )
+    empty = empty_kv_cache(manifest.model, dtype)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
     for sequence in embeds:
         values = session.run(list(tensors), decoder_feed(sequence.astype(dtype), empty))
         for name, value in zip(tensors, values):
             parts[name].append(np.asarray(value, np.float32).reshape(-1, value.shape[-1]))
-    extra = []
-    for sequence in extra_sequences:
-        logits = session.run([contract.DECODER_LOGITS], decoder_feed(sequence.astype(dtype), empty))[0]
-        extra.append(np.asarray(logits, np.float32))
     del session
     captures = {name: np.concatenate(parts.pop(name)) for name in list(parts)}  # one tensor's copy at a time
-    return Calibration(captures, int(sum(e.shape[1] for e in embeds)), described, extra)
+    return Calibration(captures, int(sum(e.shape[1] for e in embeds)), described)

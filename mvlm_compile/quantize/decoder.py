@@ -26,9 +26,9 @@ copy of the graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ from onnx import TensorProto, numpy_helper
 
 from mvlm_compile.errors import ArtifactError, MvlmError
 from mvlm_compile.quantize import awq, int4
+from mvlm_compile.quantize.settings import OUTSIDE_GRAPH, QuantizeSettings
 
 ACTIVATION_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 _SHAPE_ONLY = ("Shape", "Size")
@@ -81,7 +82,18 @@ def find_linears(graph: onnx.GraphProto) -> list[Linear]:
         if len(tensor.dims) != 2 or tensor.data_type not in ACTIVATION_TYPES:
             continue
         path = module_path(node.name or node.output[0])
-        found.append(Linear(node, path, short_name(path), node.input[1], node.input[0], node.output[0], int(tensor.dims[0]), int(tensor.dims[1])))
+        found.append(
+            Linear(
+                node,
+                path,
+                short_name(path),
+                node.input[1],
+                node.input[0],
+                node.output[0],
+                int(tensor.dims[0]),
+                int(tensor.dims[1]),
+            )
+        )
     return found
 
 
@@ -97,7 +109,9 @@ def int4_weights(graph: onnx.GraphProto) -> list[str]:
     return [
         n.input[0]
         for n in graph.node
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type in (TensorProto.INT4, TensorProto.UINT4)
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type in (TensorProto.INT4, TensorProto.UINT4)
     ]
 
 
@@ -177,7 +191,9 @@ def group_inputs(linears: list[Linear]) -> dict[str, list[Linear]]:
     return groups
 
 
-def plan_folds(graph: onnx.GraphProto, linears: list[Linear], fold_down: str, fold_o: str, same_kv_heads: bool) -> dict[str, tuple[str, str]]:
+def plan_folds(
+    graph: onnx.GraphProto, linears: list[Linear], fold_down: str, fold_o: str, same_kv_heads: bool
+) -> dict[str, tuple[str, str]]:
     """Per input tensor of a Linear group: ("norm", initializer) | ("columns", linear weight) | ("mul", "")."""
     producers, consumers = _producers(graph), _consumers(graph)
     inits = {t.name: t for t in graph.initializer}
@@ -213,27 +229,19 @@ def plan_folds(graph: onnx.GraphProto, linears: list[Linear], fold_down: str, fo
 def quantize_decoder(
     model: onnx.ModelProto,
     base_dir: Path,
-    method: str,
-    group_size: int,
-    keep: tuple[str, ...],
+    settings: QuantizeSettings,
     captures: dict[str, np.ndarray] | None = None,
-    clip: bool = True,
-    fold_down: str = "up_proj",
-    fold_o: str = "mul",
     same_kv_heads: bool = True,
-    grid: int = 20,
-    max_tokens: int = 512,
     progress: Callable[[str], None] = lambda m: None,
 ) -> DecoderQuantization:
     """Rewrite `model` (loaded without external data; weights read from base_dir) in place."""
-    if method not in ("rtn", "awq"):
-        raise MvlmError(f"--method {method!r}: expected 'awq' or 'rtn'")
-    if fold_down not in ("up_proj", "mul") or fold_o not in ("mul", "v_proj"):
-        raise MvlmError(f"fold_down {fold_down!r} / fold_o {fold_o!r}: expected up_proj|mul and mul|v_proj")
+    method, group_size, keep = settings.method, settings.group_size, settings.keep_fp16
     graph = model.graph
     already = int4_weights(graph)
     if already:
-        raise AlreadyQuantizedError(f"decoder graph already holds {len(already)} INT4 weights (e.g. {already[0]}): it was quantized before")
+        raise AlreadyQuantizedError(
+            f"decoder graph already holds {len(already)} INT4 weights (e.g. {already[0]}): it was quantized before"
+        )
     act_type = graph.input[0].type.tensor_type.elem_type
     if act_type not in ACTIVATION_TYPES:
         raise ArtifactError(f"decoder input {graph.input[0].name}: element type {act_type}, expected float or float16")
@@ -241,6 +249,11 @@ def quantize_decoder(
     linears = find_linears(graph)
     if not linears:
         raise ArtifactError("decoder graph has no MatMul with a constant 2-D weight: not an exported decoder")
+    unmatched = [k for k in keep if k not in OUTSIDE_GRAPH and not any(is_kept(lin, (k,)) for lin in linears)]
+    if unmatched:
+        raise MvlmError(
+            f"--keep {unmatched[0]!r}: names no Linear of the decoder (e.g. lm_head, down_proj, layers.0.mlp.down_proj)"
+        )
     selected = [lin for lin in linears if not is_kept(lin, keep)]
     bad = [f"{lin.short} (K={lin.k})" for lin in selected if lin.k % group_size]
     if bad:
@@ -256,13 +269,20 @@ def quantize_decoder(
     if method == "awq":
         if captures is None:
             raise MvlmError("AWQ needs calibration activations")
-        plan = plan_folds(graph, linears, fold_down, fold_o, same_kv_heads)
+        plan = plan_folds(graph, linears, settings.fold_down, settings.fold_o, same_kv_heads)
         for index, (name, group) in enumerate(groups.items()):
             chosen = [lin for lin in group if id(lin) in selected_ids]
             if not chosen:
                 continue
             progress(f"AWQ scale search {index + 1}/{len(groups)}: {', '.join(lin.short for lin in chosen)}")
-            search = awq.search_scales(captures[name], [weights.read(lin.weight).astype(np.float32) for lin in chosen], group_size, act_dtype, grid, max_tokens)
+            search = awq.search_scales(
+                captures[name],
+                [weights.read(lin.weight).astype(np.float32) for lin in chosen],
+                group_size,
+                act_dtype,
+                settings.grid,
+                settings.max_tokens,
+            )
             kind, target = plan[name]
             for lin in group:
                 row_scale[lin.weight] = search.scales
@@ -294,11 +314,11 @@ def quantize_decoder(
             continue
         progress(f"INT4 {index + 1}/{len(linears)}: {lin.short}")
         ratio = None
-        if method == "awq" and clip and captures is not None:
+        if method == "awq" and settings.clip and captures is not None:
             x = captures[lin.input]
             if lin.weight in row_scale:
                 x = x / row_scale[lin.weight][None, :]
-            ratio, before, after = awq.search_clip(x, w, group_size, act_dtype, grid)
+            ratio, before, after = awq.search_clip(x, w, group_size, act_dtype, settings.grid)
             records[lin.weight].clip_error_before, records[lin.weight].clip_error_after = before, after
         q, scale = int4.quantize_weight(w, group_size, act_dtype, ratio)
         base = lin.short
@@ -316,7 +336,9 @@ def quantize_decoder(
                 scaled = f"{name}_awq_scaled"
                 inv_name = f"{lin.short}.awq_inverse_scale"
                 new_inits.append(numpy_helper.from_array(mul_inputs[name].astype(act_dtype), inv_name))
-                nodes.append(onnx.helper.make_node("Mul", [name, inv_name], [scaled], name=f"/{lin.path}/AwqInputScale"))
+                nodes.append(
+                    onnx.helper.make_node("Mul", [name, inv_name], [scaled], name=f"/{lin.path}/AwqInputScale")
+                )
                 for member in groups[name]:
                     member.node.input[0] = scaled
         if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in replaced:

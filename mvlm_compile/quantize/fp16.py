@@ -21,7 +21,18 @@ from onnx import TensorProto, helper, numpy_helper
 FP16_MAX = float(np.finfo(np.float16).max)
 STANDARD_DOMAINS = ("", "ai.onnx")
 # Ops whose inputs are all float (so Casts can be put on every input without type inference).
-_ALL_FLOAT_INPUT_OPS = {"LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Gelu", "Sigmoid", "Exp", "Erf", "Tanh"}
+_ALL_FLOAT_INPUT_OPS = {
+    "LayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "Pow",
+    "Sqrt",
+    "Gelu",
+    "Sigmoid",
+    "Exp",
+    "Erf",
+    "Tanh",
+}
 
 
 def _to_fp16(array: np.ndarray) -> np.ndarray:
@@ -55,7 +66,11 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: tuple[str, ...] = ()) -> 
             users.setdefault(name, []).append(node)
 
     fp32_inits = {
-        name for name in inits if inits[name].data_type == TensorProto.FLOAT and users.get(name) and all(id(u) in kept_ids for u in users[name])
+        name
+        for name in inits
+        if inits[name].data_type == TensorProto.FLOAT
+        and users.get(name)
+        and all(id(u) in kept_ids for u in users[name])
     }
     for name, tensor in inits.items():
         if name not in fp32_inits:
@@ -82,7 +97,11 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: tuple[str, ...] = ()) -> 
                 if not name or name in fp32_inits:
                     continue
                 cast_out = f"{name}_fp32_for_{node.name or node.output[0]}"
-                nodes.append(helper.make_node("Cast", [name], [cast_out], name=f"{node.name}/CastInFp32_{i}", to=TensorProto.FLOAT))
+                nodes.append(
+                    helper.make_node(
+                        "Cast", [name], [cast_out], name=f"{node.name}/CastInFp32_{i}", to=TensorProto.FLOAT
+                    )
+                )
                 node.input[i] = cast_out
             nodes.append(node)
             for i, name in enumerate(node.output):
@@ -90,7 +109,11 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: tuple[str, ...] = ()) -> 
                     continue
                 fp32_out = f"{name}_fp32"
                 node.output[i] = fp32_out
-                nodes.append(helper.make_node("Cast", [fp32_out], [name], name=f"{node.name}/CastOutFp16_{i}", to=TensorProto.FLOAT16))
+                nodes.append(
+                    helper.make_node(
+                        "Cast", [fp32_out], [name], name=f"{node.name}/CastOutFp16_{i}", to=TensorProto.FLOAT16
+                    )
+                )
             continue
         nodes.append(node)
     del graph.node[:]

@@ -1,36 +1,53 @@
-"""Open a backend by name: the same pipeline drives ONNX Runtime sessions and TensorRT engines."""
+"""Execution backends: the same pipeline drives ONNX Runtime sessions and TensorRT engines.
+
+A backend runs the artifacts' graphs by name. Like Polygraphy's runners, each one is a context
+manager: `with open_backend("ort", artifacts) as backend:` opens its sessions or engines
+lazily or on entry and releases them on exit, so nothing is left activated.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
+
+import numpy as np
 
 from mvlm_compile.errors import MvlmError
+from mvlm_compile.manifest import Manifest
+
+BACKENDS = ("ort", "trt")
 
 
-def resolve_artifacts(path: Path) -> Path:
-    """A bundle directory holds its graphs in artifacts/; accept either."""
-    path = Path(path)
-    return path / "artifacts" if (path / "artifacts" / "manifest.json").exists() else path
+class Backend(Protocol):
+    name: str  # "ort" or "trt"
+    manifest: Manifest
+    artifacts: Path
+
+    def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def input_dtype(self, graph: str, name: str) -> type: ...
+
+    def close(self) -> None: ...
 
 
-def default_engines_dir(artifacts: Path) -> Path:
-    """The only engines-<target> directory of the bundle, when there is exactly one."""
-    found = sorted(Path(artifacts).parent.glob("engines-*/engines.json"))
-    if len(found) != 1:
-        raise MvlmError(
-            f"--engines: {'no' if not found else len(found)} engines-<target>/engines.json beside {artifacts}; pass --engines DIR"
-        )
-    return found[0].parent
-
-
-def open_backend(name: str, artifacts: Path, engines_dir: Path | None = None):
-    artifacts = resolve_artifacts(artifacts)
+@contextlib.contextmanager
+def open_backend(name: str, artifacts: Path, engines_dir: Path | None = None) -> Iterator[Backend]:
+    """A backend over an artifacts directory (and, for "trt", its engines directory); closed on exit."""
     if name == "ort":
         from mvlm_compile.runtime.ort_backend import OrtBackend
 
-        return OrtBackend(artifacts)
-    if name == "trt":
+        backend: Backend = OrtBackend(Path(artifacts))
+    elif name == "trt":
         from mvlm_compile.runtime.trt_backend import TrtBackend
 
-        return TrtBackend(artifacts, engines_dir or default_engines_dir(artifacts))
-    raise MvlmError(f"--backend {name!r}: expected 'ort' or 'trt'")
+        if engines_dir is None:
+            raise MvlmError("--engines: the TensorRT backend needs an engines directory")
+        backend = TrtBackend(Path(artifacts), Path(engines_dir))
+    else:
+        raise MvlmError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    try:
+        yield backend
+    finally:
+        backend.close()

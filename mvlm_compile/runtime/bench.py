@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -27,7 +27,11 @@ def _timed(fn: Callable[[], object], warmup: int, repeats: int, progress: Progre
         fn()
         times.append(time.perf_counter() - started)
         progress(f"{label}: {i + 1}/{repeats}")
-    return {"median_ms": 1e3 * float(np.median(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)), "repeats": repeats}
+    return {
+        "median_ms": 1e3 * float(np.median(times)),
+        "p90_ms": 1e3 * float(np.percentile(times, 90)),
+        "repeats": repeats,
+    }
 
 
 def _decode(step: Callable[[int], None], warmup: int, steps: int, progress: Progress, label: str) -> dict[str, float]:
@@ -48,7 +52,9 @@ def _decode(step: Callable[[int], None], warmup: int, steps: int, progress: Prog
     }
 
 
-def bench_backend(pipeline: Pipeline, prompt_tokens: int, decode_steps: int, warmup: int, repeats: int, progress: Progress) -> dict:
+def bench_backend(
+    pipeline: Pipeline, prompt_tokens: int, decode_steps: int, warmup: int, repeats: int, progress: Progress
+) -> dict:
     """Vision, projector, prefill of `prompt_tokens` (image included) and `decode_steps` decode steps."""
     manifest = pipeline.backend.manifest.model
     rng = np.random.default_rng(0)
@@ -56,8 +62,16 @@ def bench_backend(pipeline: Pipeline, prompt_tokens: int, decode_steps: int, war
     features = pipeline.backend.run("vision", {"pixel_values": pixels})["image_features"]
     embeds = (rng.standard_normal((1, prompt_tokens, int(manifest["hidden_size"]))) * 0.1).astype(np.float32)
     results = {
-        "vision": _timed(lambda: pipeline.backend.run("vision", {"pixel_values": pixels}), warmup, repeats, progress, "vision"),
-        "projector": _timed(lambda: pipeline.backend.run("projector", {"image_features": features}), warmup, repeats, progress, "projector"),
+        "vision": _timed(
+            lambda: pipeline.backend.run("vision", {"pixel_values": pixels}), warmup, repeats, progress, "vision"
+        ),
+        "projector": _timed(
+            lambda: pipeline.backend.run("projector", {"image_features": features}),
+            warmup,
+            repeats,
+            progress,
+            "projector",
+        ),
         "prefill": _timed(lambda: pipeline.step(embeds, pipeline.empty_cache()), warmup, repeats, progress, "prefill"),
     }
     cache = [pipeline.step(embeds, pipeline.empty_cache())[1]]
@@ -71,7 +85,9 @@ def bench_backend(pipeline: Pipeline, prompt_tokens: int, decode_steps: int, war
     return results
 
 
-def bench_torch_eager(checkpoint, vision_tower, prompt_tokens: int, decode_steps: int, warmup: int, repeats: int, progress: Progress) -> dict:
+def bench_torch_eager(
+    checkpoint, vision_tower, prompt_tokens: int, decode_steps: int, warmup: int, repeats: int, progress: Progress
+) -> dict:
     """The same measurements on the FP32 PyTorch reference (host only: imports torch)."""
     import torch
 
@@ -89,14 +105,18 @@ def bench_torch_eager(checkpoint, vision_tower, prompt_tokens: int, decode_steps
         results = {
             "vision": _timed(lambda: model.encode_images(pixels), warmup, repeats, progress, "torch vision"),
             "projector": _timed(lambda: model.project(features), warmup, repeats, progress, "torch projector"),
-            "prefill": _timed(lambda: model.decode(embeds, mask, positions, []), warmup, repeats, progress, "torch prefill"),
+            "prefill": _timed(
+                lambda: model.decode(embeds, mask, positions, []), warmup, repeats, progress, "torch prefill"
+            ),
         }
         cache = [model.decode(embeds, mask, positions, [])[1]]
         token = model.embed_tokens(torch.tensor([[1]]))
 
         def step(i: int) -> None:
             total = prompt_tokens + i + 1
-            cache[0] = model.decode(token, torch.ones(1, total, dtype=torch.int64), torch.tensor([[total - 1]]), cache[0])[1]
+            cache[0] = model.decode(
+                token, torch.ones(1, total, dtype=torch.int64), torch.tensor([[total - 1]]), cache[0]
+            )[1]
 
         results["decode"] = _decode(step, warmup, decode_steps, progress, "torch decode")
     results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -21,14 +21,16 @@ def ort_session(path: Path, threads: int = 0, extra_outputs: Sequence[str] = ())
     (in a copy held in memory; external weights are still read from the graph's directory)."""
     import onnxruntime as ort
 
-    from mvlm_compile.surgery.peg_reference import ort_model_source
+    from mvlm_compile.peg_op import ort_model_source
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     source = ort_model_source(path, options)
     if extra_outputs:
-        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+        model = (
+            onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+        )
         known = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra_outputs if name not in known)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
@@ -38,6 +40,8 @@ def ort_session(path: Path, threads: int = 0, extra_outputs: Sequence[str] = ())
 
 
 class OrtBackend:
+    """The artifacts' graphs in ONNX Runtime on the CPU; a session per graph, made on first use."""
+
     name = "ort"
 
     def __init__(self, artifacts: Path, manifest: Manifest | None = None) -> None:
@@ -59,3 +63,12 @@ class OrtBackend:
         cast = {i.name: np.asarray(feed[i.name], dtype=_ORT_TYPES[i.type]) for i in session.get_inputs()}
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, cast)))
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+    def __enter__(self) -> OrtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

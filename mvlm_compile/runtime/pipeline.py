@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from mvlm_compile import contract
 from mvlm_compile.errors import MvlmError
-from mvlm_compile.manifest import Manifest
 from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
+from mvlm_compile.runtime.backend import Backend
 
 
-class Backend(Protocol):
-    manifest: Manifest
-    artifacts: Path
-
-    def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-    def input_dtype(self, graph: str, name: str) -> type: ...
+def empty_kv_cache(model: dict, dtype: type, batch: int = 1) -> list[np.ndarray]:
+    """The past of a prefill: per layer a key and a value of length 0, for a manifest's `model` record."""
+    shape = (batch, int(model["num_kv_heads"]), 0, int(model["head_dim"]))
+    return [np.zeros(shape, dtype)] * (2 * int(model["num_layers"]))
 
 
 def decoder_feed(embeds: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -41,8 +37,6 @@ class Pipeline:
         self.backend = backend
         model = backend.manifest.model
         self.num_layers = int(model["num_layers"])
-        self.kv_heads = int(model["num_kv_heads"])
-        self.head_dim = int(model["head_dim"])
         self.image_token_index = int(model["image_token_index"])
         table_path = backend.artifacts / backend.manifest.files["embed_tokens"]
         self.embed_table = np.load(table_path, mmap_mode="r", allow_pickle=False)
@@ -58,11 +52,15 @@ class Pipeline:
     def splice(self, input_ids: Sequence[int], image_embeds: np.ndarray) -> np.ndarray:
         """[1, seq, hidden] with the image embeddings where the prompt has the image token."""
         at = list(input_ids).index(self.image_token_index)
-        parts = [self.embed(input_ids[:at]), image_embeds.astype(self.embed_table.dtype), self.embed(input_ids[at + 1 :])]
+        parts = [
+            self.embed(input_ids[:at]),
+            image_embeds.astype(self.embed_table.dtype),
+            self.embed(input_ids[at + 1 :]),
+        ]
         return np.concatenate(parts, axis=1)
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)] * (2 * self.num_layers)
+        return empty_kv_cache(self.backend.manifest.model, self.kv_dtype, batch)
 
     def step(self, embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: logits of the last position, and the grown cache."""
@@ -135,7 +133,9 @@ class Chat:
                 f"exceed the context of {self.context}"
             )
         rng = np.random.default_rng(sampling.seed)
-        logits, past = self.pipeline.step(self.pipeline.splice(ids, self.pipeline.image_embeds(pixel_values)), self.pipeline.empty_cache())
+        logits, past = self.pipeline.step(
+            self.pipeline.splice(ids, self.pipeline.image_embeds(pixel_values)), self.pipeline.empty_cache()
+        )
         tokens: list[int] = []
         text = ""
         while len(tokens) < max_new_tokens:

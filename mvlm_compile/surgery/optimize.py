@@ -64,8 +64,7 @@ class OptimizeReport:
     def rows(self) -> list[tuple[str, ...]]:
         """One row per (graph, pass), then one total row per graph; columns ROW_HEADER."""
         rows = [
-            (r.graph, r.name, r.status, _change(r.nodes, str), _change(r.macs, _si), r.detail)
-            for r in self.records
+            (r.graph, r.name, r.status, _change(r.nodes, str), _change(r.macs, _si), r.detail) for r in self.records
         ]
         for graph, total in self.totals().items():
             rows.append((graph, "(all)", "", _change(total["nodes"], str), _change(total["macs"], _si), ""))
@@ -91,11 +90,6 @@ def _si(value: int) -> str:
 def _change(pair: tuple[int, int], fmt: Callable[[int], str]) -> str:
     before, after = pair
     return fmt(before) if before == after else f"{fmt(before)} -> {fmt(after)}"
-
-
-def optimize_command_rows(report: OptimizeReport) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    """(header, rows) for the CLI's table."""
-    return ROW_HEADER, report.rows()
 
 
 def optimize_graph(
@@ -124,13 +118,17 @@ def optimize_graph(
                     f"{name}.onnx: pass {pass_name}: expected {missing} "
                     f"(to go on without it: --allow-missing {pass_name})"
                 ) from None
-            records.append(PassRecord(name, pass_name, "skipped", f"not found: {missing}", (nodes, nodes), (macs, macs)))
+            records.append(
+                PassRecord(name, pass_name, "skipped", f"not found: {missing}", (nodes, nodes), (macs, macs))
+            )
             continue
         graph.cleanup().toposort()
         changed = graph_fingerprint(graph) != before
         new_nodes, new_macs = len(graph.nodes), (_macs(graph, dims, name) if changed else macs)
         records.append(
-            PassRecord(name, pass_name, "changed" if changed else "no change", detail, (nodes, new_nodes), (macs, new_macs))
+            PassRecord(
+                name, pass_name, "changed" if changed else "no change", detail, (nodes, new_nodes), (macs, new_macs)
+            )
         )
         nodes, macs = new_nodes, new_macs
     if not any(r.status == "changed" for r in records):

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from mvlm_compile.build.plugin import PEG_CONTRACT
+from mvlm_compile.peg_op import PEG_CONTRACT
 from mvlm_compile.surgery.shapes import annotate_shapes, quiet_fold_constants
 
 FOLD_ROUNDS = 4  # a folded Shape can make its consumers constant; in practice 2 rounds reach the fixpoint
@@ -177,7 +177,10 @@ def _match_decomposed_layernorm(div: gs.Node) -> tuple[gs.Tensor, gs.Tensor, gs.
     square = _producer(reduce_var.inputs[0], "Pow")
     if square is None or square.inputs[0] is not centered or _constant(square.inputs[1]) is None:
         return None
-    if float(np.ravel(_constant(square.inputs[1]))[0]) != 2.0 or {n.name for n in centered.outputs} != {square.name, div.name}:
+    if float(np.ravel(_constant(square.inputs[1]))[0]) != 2.0 or {n.name for n in centered.outputs} != {
+        square.name,
+        div.name,
+    }:
         return None
     scale = _only_consumer(div.outputs[0], "Mul")
     shift = _only_consumer(scale.outputs[0], "Add") if scale is not None else None
@@ -337,8 +340,20 @@ def ldpv2_pool_first(graph: gs.Graph, ctx: PassContext) -> str:
     for stale in (matmul.outputs[0], linear_out):  # they were [B, T, C]; now [B, side, side, C]
         stale.shape = None
     graph.nodes += [
-        gs.Node("Transpose", _unique_name(graph, f"{pool.name}/to_channels_last"), {"perm": [0, 2, 3, 1]}, [pooled], [channels_last]),
-        gs.Node("Transpose", _unique_name(graph, f"{add.name}/to_channels_first"), {"perm": [0, 3, 1, 2]}, [linear_out], [channels_first]),
+        gs.Node(
+            "Transpose",
+            _unique_name(graph, f"{pool.name}/to_channels_last"),
+            {"perm": [0, 2, 3, 1]},
+            [pooled],
+            [channels_last],
+        ),
+        gs.Node(
+            "Transpose",
+            _unique_name(graph, f"{add.name}/to_channels_first"),
+            {"perm": [0, 3, 1, 2]},
+            [linear_out],
+            [channels_first],
+        ),
     ]
     for reader in pooled_readers:
         for index, tensor in enumerate(reader.inputs):
@@ -346,7 +361,8 @@ def ldpv2_pool_first(graph: gs.Graph, ctx: PassContext) -> str:
                 reader.inputs[index] = channels_first
     weight = matmul.inputs[1]
     pooled_tokens = int(np.prod(pooled.shape[2:])) if pooled.shape and None not in pooled.shape[2:] else "?"
-    return f"Linear {matmul.name} ({weight.shape[0]}x{weight.shape[1]}) moved after the pooling: {tokens} -> {pooled_tokens} tokens"
+    shape = f"{weight.shape[0]}x{weight.shape[1]}"
+    return f"Linear {matmul.name} ({shape}) moved after the pooling: {tokens} -> {pooled_tokens} tokens"
 
 
 def _match_peg(conv: gs.Node) -> gs.Node | None:
@@ -377,14 +393,14 @@ def peg_to_plugin(graph: gs.Graph, ctx: PassContext) -> str:
     """Replace LDPv2's PEG block, depthwise 3x3 Conv + residual Add, by ONE plugin node.
 
     The node's op_type, domain and attributes come from the op contract
-    plugins/peg/peg_contract.json (as `mvlm_compile.build.plugin.PEG_CONTRACT`), the same file
+    plugins/peg/peg_contract.json (as `mvlm_compile.peg_op.PEG_CONTRACT`), the same file
     CMake builds the TensorRT plugin from: op "MvlmPEG" in domain "ai.onnx.contrib", with
     `plugin_version` and `plugin_namespace` attributes (TensorRT's ONNX parser finds the plugin
     by op_type + those two; without `plugin_namespace` it would look in namespace ""). Inputs x
     [N, C, H, W], weight [C, 1, 3, 3] and bias [C] (the Conv's initializers, x's dtype); output
     y = x + bias + depthwise_conv3x3(x), taking the Add's output tensor so that the Reshape /
     Transpose the exporter put around the block are untouched. ONNX Runtime runs the node with
-    mvlm_compile/surgery/peg_reference.py.
+    mvlm_compile/peg_op.py.
     """
     annotate_shapes(graph)
     op_type, domain = PEG_CONTRACT["op_type"], PEG_CONTRACT["onnx_domain"]
@@ -421,7 +437,14 @@ def graph_fingerprint(graph: gs.Graph, annotations: bool = True) -> tuple:
     Not the order of the nodes: any topological order is the same graph."""
     nodes = tuple(
         sorted(
-            (n.op, n.domain, n.name, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs), repr(sorted(n.attrs.items())))
+            (
+                n.op,
+                n.domain,
+                n.name,
+                tuple(t.name for t in n.inputs),
+                tuple(t.name for t in n.outputs),
+                repr(sorted(n.attrs.items())),
+            )
             for n in graph.nodes
         )
     )

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from mvlm_compile.surgery.peg_reference import PEG_DOMAIN, PEG_OP
+from mvlm_compile.peg_op import PEG_DOMAIN, PEG_OP
 
 # Constants with more elements than this go into the skeleton as typed inputs; shape-carrying
 # constants (Reshape targets, axes, Slice bounds) are far smaller.
@@ -77,7 +77,9 @@ def _infer(skeleton: gs.Graph) -> dict[str, tuple[np.dtype | None, Shape]]:
         shape = None
         if tensor_type.HasField("shape"):
             shape = [
-                d.dim_value if d.HasField("dim_value") else (None if _UNKNOWN_DIM.match(d.dim_param) else d.dim_param or None)
+                d.dim_value
+                if d.HasField("dim_value")
+                else (None if _UNKNOWN_DIM.match(d.dim_param) else d.dim_param or None)
                 for d in tensor_type.shape.dim
             ]
         result[value.name] = (dtype, shape)

@@ -36,7 +36,9 @@ def first_divergence(
     def run(path: Path) -> dict[str, np.ndarray]:
         session = ort_session(path, extra_outputs=names)
         types = {i.name: i.type for i in session.get_inputs()}
-        cast = {k: v.astype(np.float16 if types[k] == "tensor(float16)" else v.dtype) for k, v in feed.items() if k in types}
+        cast = {
+            k: v.astype(np.float16 if types[k] == "tensor(float16)" else v.dtype) for k, v in feed.items() if k in types
+        }
         return dict(zip([o.name for o in session.get_outputs()], session.run(None, cast)))
 
     got, expected = run(candidate), run(reference)

@@ -24,7 +24,9 @@ def load_component(golden_dir: Path, component: str) -> tuple[dict[str, np.ndarr
         feed = load_json(str(inputs_path))[0]
         iterations = RunResults.load(str(outputs_path))[0][1]
     except Exception as e:  # Polygraphy raises several types for malformed files
-        raise ArtifactError(f"{outputs_path.parent}: cannot read golden {component!r} ({type(e).__name__}: {e})") from None
+        raise ArtifactError(
+            f"{outputs_path.parent}: cannot read golden {component!r} ({type(e).__name__}: {e})"
+        ) from None
     return dict(feed), {name: np.asarray(value) for name, value in iterations[0].items()}
 
 

@@ -18,8 +18,6 @@ from mvlm_compile.verify.golden_io import load_component, load_generation
 from mvlm_compile.verify.metrics import greedy_agreement
 
 
-
-
 @dataclass
 class VerifyResult:
     backend: str
@@ -46,7 +44,15 @@ class VerifyResult:
         ]
         g = self.greedy
         rows.append(
-            ("end_to_end", "greedy tokens", "", "", f"{g['matching']}/{g['total']} match", f"prefix {g['prefix']} >= {g['required_prefix']}", "ok" if g["passed"] else "FAIL")
+            (
+                "end_to_end",
+                "greedy tokens",
+                "",
+                "",
+                f"{g['matching']}/{g['total']} match",
+                f"prefix {g['prefix']} >= {g['required_prefix']}",
+                "ok" if g["passed"] else "FAIL",
+            )
         )
         return rows
 
@@ -55,7 +61,13 @@ class VerifyResult:
             "backend": self.backend,
             "passed": self.passed,
             "components": [
-                {"component": c.component, "output": c.output, **c.metrics, "tolerance": c.tolerance, "passed": c.passed}
+                {
+                    "component": c.component,
+                    "output": c.output,
+                    **c.metrics,
+                    "tolerance": c.tolerance,
+                    "passed": c.passed,
+                }
                 for c in self.checks
             ],
             "greedy": self.greedy,

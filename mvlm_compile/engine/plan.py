@@ -13,6 +13,7 @@ from mvlm_compile import contract
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.model.config import vision_layers_used
 from mvlm_compile.recipes import Recipe, Target
+from mvlm_compile.table import render_table
 
 GIB = 2**30
 FP16 = 2  # bytes
@@ -37,7 +38,7 @@ class Geometry:
     vision_layers_used: int
 
     @classmethod
-    def from_recipe_and_manifest(cls, recipe: Recipe, model: dict[str, Any]) -> "Geometry":
+    def from_recipe_and_manifest(cls, recipe: Recipe, model: dict[str, Any]) -> Geometry:
         vision = recipe.architecture["vision"]
         return cls(
             hidden=int(model["hidden_size"]),
@@ -64,7 +65,7 @@ class BuildSettings:
     @classmethod
     def resolve(
         cls, recipe: Recipe, target: Target, model_context: int, context: int | None = None, batch: int | None = None
-    ) -> "BuildSettings":
+    ) -> BuildSettings:
         """Explicit options, else the target's defaults, else the recipe's; never past the model's context."""
         if context is not None and context > model_context:
             raise MvlmError(f"--context {context}: the model's context is {model_context} (max_position_embeddings)")
@@ -89,11 +90,13 @@ class MemoryPlan:
         return self.total + MIN_WORKSPACE <= self.budget
 
     def table(self) -> str:
-        lines = [f"{name:<64} {b / GIB:8.2f} GiB" for name, b in self.rows]
-        lines.append(f"{'total':<64} {self.total / GIB:8.2f} GiB")
-        lines.append(f"{'budget of the target':<64} {self.budget / GIB:8.2f} GiB")
-        lines.append(f"{'TensorRT workspace pool (limit)':<64} {self.workspace / GIB:8.2f} GiB")
-        return "\n".join(lines)
+        rows = [
+            *self.rows,
+            ("total", self.total),
+            ("budget of the target", self.budget),
+            ("TensorRT workspace pool (limit)", self.workspace),
+        ]
+        return render_table(("memory plan", "GiB"), [(name, f"{b / GIB:8.2f}") for name, b in rows])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,7 +118,11 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
     g = geometry
     precision = recipe.precision
     decoder = precision["decoder"]
-    vision_params = g.vision_layers_used * (4 * g.vision_hidden**2 + 2 * g.vision_hidden * g.vision_mlp) + 577 * g.vision_hidden + 3 * 14 * 14 * g.vision_hidden
+    vision_params = (
+        g.vision_layers_used * (4 * g.vision_hidden**2 + 2 * g.vision_hidden * g.vision_mlp)
+        + 577 * g.vision_hidden
+        + 3 * 14 * 14 * g.vision_hidden
+    )
     projector_params = g.mm_hidden * g.hidden + g.hidden * g.hidden + 10 * g.hidden
     attention = 2 * g.hidden * g.hidden + 2 * g.hidden * g.kv_heads * g.head_dim
     linear_params = g.layers * (attention + 3 * g.hidden * g.mlp)
@@ -127,17 +134,30 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
     prefill_tokens = settings.batch * settings.max_prompt
     activations = (
         prefill_tokens * g.vocab * FP16  # logits of the prefill
-        + 2 * settings.batch * g.heads * settings.max_prompt * settings.max_prompt * FP16  # scores + softmax, one layer at a time
+        + 2
+        * settings.batch
+        * g.heads
+        * settings.max_prompt
+        * settings.max_prompt
+        * FP16  # scores + softmax, one layer at a time
         + 6 * prefill_tokens * max(g.hidden, g.mlp) * FP16  # hidden states and MLP intermediates
         + settings.vision_batch * 577 * g.vision_hidden * 16 * FP16  # vision encoder
     )
     plan = MemoryPlan(budget=target.memory_budget_gb * GIB)
     plan.rows = [
         (f"vision weights ({precision['vision']})", _weight_bytes(vision_params, precision["vision"], group)),
-        (f"projector weights ({precision['projector']})", _weight_bytes(projector_params, precision["projector"], group)),
-        (f"decoder linear weights ({decoder['weights']}, group {group})", _weight_bytes(linear_params, decoder["weights"], group)),
-        ("lm_head (fp16)" if "lm_head" in decoder.get("keep_fp16", []) else f"lm_head ({decoder['weights']})",
-         _weight_bytes(table, "fp16" if "lm_head" in decoder.get("keep_fp16", []) else decoder["weights"], group)),
+        (
+            f"projector weights ({precision['projector']})",
+            _weight_bytes(projector_params, precision["projector"], group),
+        ),
+        (
+            f"decoder linear weights ({decoder['weights']}, group {group})",
+            _weight_bytes(linear_params, decoder["weights"], group),
+        ),
+        (
+            "lm_head (fp16)" if "lm_head" in decoder.get("keep_fp16", []) else f"lm_head ({decoder['weights']})",
+            _weight_bytes(table, "fp16" if "lm_head" in decoder.get("keep_fp16", []) else decoder["weights"], group),
+        ),
         ("token embedding table (fp16, host side)", table * FP16),
         (f"KV cache (fp16, batch {settings.batch}, context {settings.context}, past+present)", kv_bytes),
         (f"activations (prefill {settings.max_prompt} tokens, vision batch {settings.vision_batch})", activations),
@@ -183,6 +203,3 @@ def optimization_profiles(geometry: Geometry, settings: BuildSettings) -> dict[s
     prefill = decoder_profile(seq=[1, max(1, s.max_prompt // 2), s.max_prompt], past=[0, 0, 0])
     decode = decoder_profile(seq=[1, 1, 1], past=[0, s.context // 2, s.context - 1])
     return {"vision": [vision], "projector": [projector], "decoder": [prefill, decode]}
-
-
-PREFILL_PROFILE, DECODE_PROFILE = 0, 1

@@ -1,1 +1,0 @@
-"""Building TensorRT engines and the plugin libraries they need."""

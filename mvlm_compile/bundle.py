@@ -1,0 +1,285 @@
+"""The bundle and the `build` orchestrator: golden -> export -> optimize -> quantize -> engines.
+
+A bundle is what travels from the host to the target:
+  artifacts/        the graphs, embedding table, tokenizer, manifest.json (reference/: the export)
+  golden/           the golden tensors
+  plugins/peg/      the PEG plugin's sources, built on the target
+  recipe.yaml, bundle.json, BUILD_ON_TARGET.txt
+  engines-<target>/ the engines and engines.json, once built
+
+Two entry points: from a checkpoint on a host (all stages; the engines only where TensorRT
+and a GPU of the target's SM are present), or from a bundle made elsewhere (the Jetson
+workflow: export on x86, copy, build on the Orin). Stages whose inputs are unchanged are
+skipped (content hashes in the manifest); `force` reruns them. Without TensorRT or the
+right GPU, the output is a self-contained bundle and the exact command to run on the target.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mvlm_compile import __version__
+from mvlm_compile.engine.plan import BuildSettings, Geometry, MemoryPlan, check_fits, plan_memory
+from mvlm_compile.engines_record import ENGINES_MANIFEST
+from mvlm_compile.errors import ArtifactError, MvlmError
+from mvlm_compile.fileio import digest, write_bytes, write_json
+from mvlm_compile.manifest import MANIFEST_NAME, Manifest, keep_reference, load_manifest
+from mvlm_compile.peg_op import PEG_DIR, find_plugin_library
+from mvlm_compile.recipes import Recipe, Target, load_recipe, load_target
+from mvlm_compile.trt_env import import_tensorrt, query_gpu
+
+ARTIFACTS_DIR = "artifacts"
+GOLDEN_DIR = "golden"
+BUNDLE_RECORD = "bundle.json"
+BUNDLE_NOTE = "BUILD_ON_TARGET.txt"
+Progress = Callable[[str], None]
+
+
+def resolve_artifacts(path: Path) -> tuple[Path, Path]:
+    """(bundle, artifacts) for a bundle directory or a bare artifacts directory (then bundle = artifacts)."""
+    path = Path(path)
+    if (path / ARTIFACTS_DIR / MANIFEST_NAME).exists():
+        return path, path / ARTIFACTS_DIR
+    if (path / MANIFEST_NAME).exists():
+        return path, path
+    raise ArtifactError(
+        f"{path}: neither a bundle ({ARTIFACTS_DIR}/{MANIFEST_NAME}) nor an artifacts directory ({MANIFEST_NAME})"
+    )
+
+
+def source_kind(path: Path) -> str:
+    """What `build SOURCE` was given: "bundle" (or a bare artifacts directory) or "checkpoint"."""
+    path = Path(path)
+    if (path / ARTIFACTS_DIR / MANIFEST_NAME).exists() or (path / MANIFEST_NAME).exists():
+        return "bundle"
+    if (path / "config.json").exists():
+        return "checkpoint"
+    raise ArtifactError(
+        f"{path}: neither a checkpoint (config.json) nor a bundle ({ARTIFACTS_DIR}/{MANIFEST_NAME}) "
+        f"nor an artifacts directory ({MANIFEST_NAME})"
+    )
+
+
+def engines_dir_for(bundle: Path, target: str) -> Path:
+    return Path(bundle) / f"engines-{target}"
+
+
+def default_engines_dir(bundle: Path) -> Path:
+    """The bundle's only engines-<target> directory, when there is exactly one."""
+    found = sorted(Path(bundle).glob(f"engines-*/{ENGINES_MANIFEST}"))
+    if len(found) != 1:
+        raise MvlmError(
+            f"--engines: {'no' if not found else len(found)} engines-<target>/{ENGINES_MANIFEST} in {bundle}; "
+            "pass --engines DIR"
+        )
+    return found[0].parent
+
+
+@dataclass
+class BuildResult:
+    bundle: Path  # artifacts/, golden/, plugins/peg/ (+ engines-<target>/ when built)
+    plan: MemoryPlan
+    settings: BuildSettings
+    engines_dir: Path | None = None  # None: deferred to the target
+    deferred_reason: str = ""
+    target_command: str = ""
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "skipped (unchanged)"
+
+
+def _host_stages(
+    checkpoint: Path, vision_tower: Path | None, bundle: Path, force: bool, progress: Progress
+) -> dict[str, str]:
+    """Golden tensors and export (need the host extra: torch, transformers)."""
+    from mvlm_compile.export.exporter import export_artifacts
+    from mvlm_compile.model.config import load_mobilevlm_config
+    from mvlm_compile.model.golden import write_golden
+
+    load_mobilevlm_config(checkpoint)  # fail fast on a wrong model, before any work
+    ran = {}
+    golden, artifacts = bundle / GOLDEN_DIR, bundle / ARTIFACTS_DIR
+    key = digest(str(checkpoint), _checkpoint_stamp(checkpoint, vision_tower), __version__)
+    stamp = bundle / ".host-stages.json"
+    previous = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if force or previous.get("golden") != key or not (golden / MANIFEST_NAME).exists():
+        progress("golden: running the FP32 reference")
+        write_golden(checkpoint, golden, vision_tower=vision_tower)
+        ran["golden"] = "ran"
+    else:
+        ran["golden"] = "skipped (unchanged)"
+    if force or previous.get("export") != key or not (artifacts / MANIFEST_NAME).exists():
+        # FP16: TensorRT builds strongly typed networks, so the decoder's activations must be
+        # FP16 in the graph itself (the INT4 scales take the graph's float type).
+        progress("export: ONNX graphs in FP16")
+        export_artifacts(checkpoint, artifacts, vision_tower=vision_tower, dtype="fp16", progress=progress)
+        ran["export"] = "ran"
+    else:
+        ran["export"] = "skipped (unchanged)"
+    _copy_plugin_sources(bundle)
+    write_json(stamp, {"golden": key, "export": key})
+    return ran
+
+
+def _checkpoint_stamp(checkpoint: Path, vision_tower: Path | None) -> list:
+    """Cheap identity of the checkpoint files (name, size, mtime): hashing GBs on every build is too slow."""
+    files = [p for d in (checkpoint, vision_tower) if d for p in sorted(Path(d).iterdir()) if p.is_file()]
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+IN_PLACE_STAGES = ("optimize", "quantize")  # rewrite the artifacts' graphs, in this order
+
+
+def _stage_is_current(manifest: Manifest, name: str, params: dict, on_disk: dict[str, str]) -> bool:
+    """The stage ran with these params, and every later stage consumed exactly what it
+    produced, up to the graphs now on disk (content hashes)."""
+    record = manifest.stages.get(name, {})
+    if record.get("params_sha256") != digest(params):
+        return False
+    produced = record.get("outputs_sha256")
+    for later in IN_PLACE_STAGES[IN_PLACE_STAGES.index(name) + 1 :]:
+        later_record = manifest.stages.get(later, {})
+        if "inputs_sha256" not in later_record:
+            break
+        if later_record["inputs_sha256"] != produced:
+            return False
+        produced = later_record.get("outputs_sha256")
+    return produced == on_disk
+
+
+def _graph_stage(
+    name: str, artifacts: Path, params: dict, run: Callable[[], None], force: bool, progress: Progress
+) -> str:
+    """Run an in-place graph stage unless it is current (see _stage_is_current)."""
+    manifest = load_manifest(artifacts)
+    before = manifest.graph_hashes(artifacts)
+    if not force and _stage_is_current(manifest, name, params, before):
+        return "skipped (unchanged)"
+    progress(f"{name}: running")
+    run()
+    manifest = load_manifest(artifacts)
+    manifest.stages.setdefault(name, {})
+    manifest.stages[name]["params_sha256"] = digest(params)
+    manifest.stages[name]["inputs_sha256"] = before
+    manifest.stages[name]["outputs_sha256"] = manifest.graph_hashes(artifacts)
+    manifest.save(artifacts)
+    return "ran"
+
+
+def _target_commands(target: Target, bundle: Path) -> list[str]:
+    """What to run on the target, standing in the directory that holds the copied bundle."""
+    name = bundle.name
+    return [
+        f"cmake -S {name}/plugins/peg -B {name}/plugins/peg/build && cmake --build {name}/plugins/peg/build -j",
+        f"mvlm-compile build {name} --target {target.name}",
+        f"mvlm-compile verify {name} --golden {name}/{GOLDEN_DIR} --backend trt",
+    ]
+
+
+def _copy_plugin_sources(bundle: Path) -> None:
+    """The PEG plugin's sources, so the target builds the library itself. Files are updated in
+    place: a plugins/peg/build/ made on the target is kept."""
+    shutil.copytree(
+        PEG_DIR, bundle / "plugins" / "peg", ignore=shutil.ignore_patterns("build", "__pycache__"), dirs_exist_ok=True
+    )
+
+
+def _write_bundle_record(
+    bundle: Path, recipe: Recipe, target: Target, plan: MemoryPlan, settings: BuildSettings, reason: str
+) -> str:
+    """recipe.yaml, bundle.json and BUILD_ON_TARGET.txt; returns the build command for the target."""
+    if not (bundle / "recipe.yaml").exists() or recipe.path.resolve() != (bundle / "recipe.yaml").resolve():
+        write_bytes(bundle / "recipe.yaml", recipe.path.read_bytes())
+    commands = _target_commands(target, bundle)
+    write_json(
+        bundle / BUNDLE_RECORD,
+        {
+            "kind": "mvlm-compile bundle",
+            "mvlm_compile_version": __version__,
+            "recipe": recipe.name,
+            "target": target.name,
+            "settings": settings.__dict__,
+            "memory_plan": plan.to_json(),
+            "engines_deferred_because": reason,
+        },
+    )
+    write_bytes(
+        bundle / BUNDLE_NOTE,
+        (
+            f"Engines for {target.name} (SM {target.sm}) were not built where this bundle was made:\n  {reason}\n\n"
+            "On the target (JetPack 6.1/6.2: TensorRT 10.3 from the system packages; CUDA in /usr/local/cuda),\n"
+            f"with mvlm-compile installed, in the directory that holds {bundle.name}/:\n"
+            + "".join(f"  {c}\n" for c in commands)
+        ).encode(),
+    )
+    return commands[1]
+
+
+def build(
+    target_name: str,
+    bundle: Path,
+    checkpoint: Path | None = None,
+    vision_tower: Path | None = None,
+    recipe_name: str | None = None,
+    context: int | None = None,
+    batch: int | None = None,
+    force: bool = False,
+    progress: Progress = lambda msg: None,
+) -> BuildResult:
+    """Run every stage into `bundle`; see the module docstring."""
+    from mvlm_compile.quantize import QuantizeSettings, quantize_artifacts
+    from mvlm_compile.surgery import optimize_artifacts
+
+    target = load_target(target_name)
+    stages: dict[str, str] = {}
+    if checkpoint is not None:
+        stages.update(_host_stages(Path(checkpoint), vision_tower, Path(bundle), force, progress))
+    bundle, artifacts = resolve_artifacts(Path(bundle))
+    manifest = load_manifest(artifacts)
+    recipe_ref = (
+        recipe_name
+        or manifest.model.get("recipe")
+        or (bundle / "recipe.yaml" if (bundle / "recipe.yaml").exists() else None)
+    )
+    if recipe_ref is None:
+        raise MvlmError(f"{artifacts / MANIFEST_NAME}: no recipe matches this model; pass --recipe NAME|PATH")
+    recipe = load_recipe(recipe_ref)
+    settings = BuildSettings.resolve(recipe, target, int(manifest.model["max_context"]), context, batch)
+    geometry = Geometry.from_recipe_and_manifest(recipe, manifest.model)
+    plan = plan_memory(geometry, recipe, target, settings)
+    check_fits(plan, target, recipe)
+
+    keep_reference(artifacts)
+    stages["optimize"] = _graph_stage(
+        "optimize", artifacts, {}, lambda: optimize_artifacts(artifacts, progress=progress), force, progress
+    )
+    quantize = QuantizeSettings.resolve(recipe)
+    stages["quantize"] = _graph_stage(
+        "quantize",
+        artifacts,
+        quantize.to_json(),
+        lambda: quantize_artifacts(artifacts, quantize, progress=progress),
+        force,
+        progress,
+    )
+
+    trt, why = import_tensorrt()
+    gpu = query_gpu() if trt is not None else None
+    if trt is not None and gpu is None:
+        why = "no CUDA GPU is visible"
+    elif gpu is not None and gpu.sm != target.sm:
+        why = f"this GPU ({gpu.name}, SM {gpu.sm}) is not the target's (SM {target.sm}): engines are not portable"
+    if why:
+        command = _write_bundle_record(bundle, recipe, target, plan, settings, why)
+        return BuildResult(bundle, plan, settings, deferred_reason=why, target_command=command, stages=stages)
+
+    from mvlm_compile.engine.builder import build_engines
+
+    engines_dir = engines_dir_for(bundle, target.name)
+    plugin = find_plugin_library([bundle / "plugins" / "peg" / "build"])
+    stages["engines"] = build_engines(
+        trt, gpu, artifacts, engines_dir, plugin, target, geometry, settings, plan, force, progress
+    )
+    return BuildResult(bundle, plan, settings, engines_dir=engines_dir, stages=stages)
