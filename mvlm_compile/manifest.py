@@ -99,23 +99,66 @@ REFERENCE_DIR = "reference"
 
 
 def keep_reference(directory: Path) -> Path | None:
-    """Before the first in-place rewrite, keep the exported graphs in `reference/` (hard links:
-    no extra disk, since rewrites replace files rather than edit them). verify's divergence
-    search compares against it. Returns the reference directory, or None if one exists."""
+    """Before the first in-place rewrite, keep the exported graphs in `reference/` for verify's
+    divergence search and the accuracy report. Returns the reference directory, or None if one exists.
+
+    Files are hard links: no extra disk, since rewrites replace files rather than edit them. A
+    graph's external weights (`<graph>.onnx.data`) are the exception: onnx refuses to load a data
+    file that has several links (its guard against hard-link attacks), so the data file is *moved*
+    into reference/ when its graph is first replaced (replace_graph), still at no extra disk.
+    Until then the reference graph is the artifacts' own, unchanged (reference_graph_path)."""
     directory = Path(directory)
     reference = directory / REFERENCE_DIR
     if (reference / MANIFEST_NAME).exists():
         return None
     manifest = load_manifest(directory)
     reference.mkdir(exist_ok=True)
-    files = [g["file"] for g in manifest.graphs.values()] + list(manifest.files.values())
-    files += [f"{g['file']}.data" for g in manifest.graphs.values() if (directory / f"{g['file']}.data").exists()]
-    for name in files:
+    for name in [g["file"] for g in manifest.graphs.values()] + list(manifest.files.values()):
         target = reference / name
         target.unlink(missing_ok=True)
         try:
             os.link(directory / name, target)
-        except OSError:  # another filesystem or no hard links: copy
+        except OSError:  # no hard links here (another filesystem): copy, external data included
             shutil.copy2(directory / name, target)
+            if (directory / f"{name}.data").exists():
+                shutil.copy2(directory / f"{name}.data", reference / f"{name}.data")
     manifest.save(reference)  # last: its presence marks a complete reference
     return reference
+
+
+def replace_graph(directory: Path, file: str, staged: Path) -> None:
+    """Move a rewritten graph (`staged/<file>` and its `.data`, if any) over `directory/<file>`.
+
+    When the reference is kept and does not hold the original's external data yet, the data file
+    moves there first (see keep_reference). A stale `.data` of the old graph is removed when the
+    new one has its weights inline."""
+    directory, staged = Path(directory), Path(staged)
+    data = directory / f"{file}.data"
+    reference = directory / REFERENCE_DIR
+    kept = reference / file
+    if (
+        (reference / MANIFEST_NAME).exists()
+        and data.exists()
+        and not (reference / f"{file}.data").exists()
+        and kept.exists()
+        and os.path.samefile(kept, directory / file)  # the reference holds this very graph
+    ):
+        os.replace(data, reference / f"{file}.data")
+    if (staged / f"{file}.data").exists():
+        os.replace(staged / f"{file}.data", data)
+    else:
+        data.unlink(missing_ok=True)
+    os.replace(staged / file, directory / file)
+
+
+def reference_graph_path(reference: Path, name: str) -> Path:
+    """Graph `name` of a reference directory. For the reference kept inside an artifacts directory,
+    a graph never replaced has not had its external data moved in yet (see keep_reference): then
+    it is the artifacts' own graph, unchanged."""
+    reference = Path(reference)
+    path = load_manifest(reference).graph_path(reference, name)
+    artifacts = reference.parent
+    if reference.name == REFERENCE_DIR and not path.with_name(f"{path.name}.data").exists():
+        if (artifacts / f"{path.name}.data").exists():
+            return load_manifest(artifacts).graph_path(artifacts, name)
+    return path

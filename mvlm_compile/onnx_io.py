@@ -14,6 +14,20 @@ from mvlm_compile.errors import ArtifactError
 PROTOBUF_LIMIT = 2**31 - 1
 # Protobuf cannot serialise (or even size) a message over 2 GB; keep inline weights well under it.
 INLINE_WEIGHTS_LIMIT = 1536 * 2**20
+# Graphs whose weights pass this many bytes keep them in `<graph>.onnx.data`. Set lower to put
+# small graphs' weights in external data too: the test suite does, so that every stage runs on
+# external data as every full-size model does.
+INLINE_WEIGHTS_ENV = "MVLM_COMPILE_INLINE_WEIGHTS_LIMIT"
+
+
+def inline_weights_limit() -> int:
+    value = os.environ.get(INLINE_WEIGHTS_ENV)
+    if value is None:
+        return INLINE_WEIGHTS_LIMIT
+    try:
+        return min(int(value), INLINE_WEIGHTS_LIMIT)
+    except ValueError:
+        raise ArtifactError(f"{INLINE_WEIGHTS_ENV}={value!r}: expected a number of bytes") from None
 
 
 def load_model(path: Path, load_weights: bool = True) -> onnx.ModelProto:
@@ -65,7 +79,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     so a crash never leaves a truncated graph under the final name.
     """
     path = Path(path)
-    large = weight_bytes(model) > INLINE_WEIGHTS_LIMIT
+    large = weight_bytes(model) > inline_weights_limit()
     data_name = f"{path.name}.data"
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

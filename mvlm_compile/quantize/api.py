@@ -11,7 +11,6 @@ as they are. Accuracy is measured afterwards, by mvlm_compile.verify.accuracy.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import onnx
 
 from mvlm_compile.fileio import atomic_output_dir
-from mvlm_compile.manifest import Manifest, load_manifest
+from mvlm_compile.manifest import Manifest, load_manifest, replace_graph
 from mvlm_compile.onnx_io import graph_io, load_model, save_model
 from mvlm_compile.quantize import calibration as calib
 from mvlm_compile.quantize.decoder import AlreadyQuantizedError, find_linears, int4_weights, quantize_decoder
@@ -201,11 +200,7 @@ def _commit(
 ) -> None:
     """Move the staged graphs into `dest` and record the stage in its manifest (saved last)."""
     for name, file in staged.files.items():
-        for suffix in ("", ".data"):
-            if (staging / (file + suffix)).exists():
-                os.replace(staging / (file + suffix), dest / (file + suffix))
-            elif suffix:
-                (dest / (file + suffix)).unlink(missing_ok=True)
+        replace_graph(dest, file, staging)
         manifest.record_graph(dest, name, file, staged.graphs[name]["dtype"], *graph_io(dest / file))
     manifest.stages["quantize"] = {
         "decoder": settings.decoder,

@@ -9,6 +9,7 @@ the files byte for byte as they were.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from mvlm_compile.errors import MvlmError
-from mvlm_compile.manifest import load_manifest
+from mvlm_compile.manifest import load_manifest, replace_graph
 from mvlm_compile.onnx_io import load_model, save_model
 from mvlm_compile.surgery.passes import GRAPH_PASSES, PASSES, PassContext, PatternMissing, graph_fingerprint
 from mvlm_compile.surgery.shapes import count_macs
@@ -174,7 +175,10 @@ def optimize_artifacts(
         report.records.extend(records)
         if rewritten is not None:
             progress(f"writing {entry['file']}")
-            save_model(rewritten, path)
+            with tempfile.TemporaryDirectory(dir=artifacts_dir, prefix=".optimize.", suffix=".tmp") as staging:
+                save_model(rewritten, Path(staging) / entry["file"])
+                del rewritten
+                replace_graph(artifacts_dir, entry["file"], Path(staging))
         input_sha256 = entry["sha256"]
         manifest.record_graph(artifacts_dir, name, entry["file"], entry["dtype"], entry["inputs"], entry["outputs"])
         manifest.save(artifacts_dir)  # after each graph, so the manifest's hashes always match the files

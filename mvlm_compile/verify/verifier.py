@@ -128,16 +128,15 @@ def verify(backend, golden_dir: Path, tolerances: dict | None = None, reference:
     result = VerifyResult(backend.name, checks, greedy)
     failed = sorted({c.component for c in checks if not c.passed})
     if failed and backend.name == "ort" and reference is not None:
-        from mvlm_compile.manifest import load_manifest
+        from mvlm_compile.manifest import reference_graph_path
         from mvlm_compile.verify.divergence import first_divergence
 
-        ref_manifest = load_manifest(reference)
         for component in failed:
             graph = GRAPH_OF_COMPONENT[component]
             feed, _ = load_component(golden_dir, component)
             result.divergences[component] = first_divergence(
                 backend.manifest.graph_path(backend.artifacts, graph),
-                ref_manifest.graph_path(reference, graph),
+                reference_graph_path(reference, graph),
                 feed,
                 tolerances[backend.manifest.graphs[graph]["dtype"]],
             )
