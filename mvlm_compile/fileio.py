@@ -1,19 +1,36 @@
-"""Small file helpers shared by every stage: atomic writes and content hashes.
+"""File helpers shared by every stage: atomic writes, output directories we own, locks, safe
+names, content hashes, and JSON read with one-line errors.
 
-Nothing is ever left half-written: outputs are written to a temporary sibling and renamed.
+The rules they enforce:
+- Nothing is left half-written: outputs are written to a temporary sibling and renamed.
+- Only a directory we wrote (it carries our marker) is ever replaced; never an input, nor a
+  parent of one.
+- One writer per directory: an exclusive lock (readers take a shared one), refused at once
+  when held elsewhere. Holding the exclusive lock, the staging leftovers of a killed run are
+  removed.
+- Names read from a manifest resolve inside their directory.
+- Files and directories honour the umask, like any other tool's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from mvlm_compile.errors import ArtifactError, MvlmError
+
+MARKER = ".mvlm-compile.json"  # in every directory we write as a whole: {"kind": ...}
+LOCK = ".mvlm-compile.lock"
+STAGING_SUFFIXES = (".tmp", ".partial", ".old")  # our temporary names: ".<name>.<random><suffix>"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -29,11 +46,25 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def make_temp_dir(parent: Path, prefix: str, suffix: str) -> Path:
+    """tempfile.mkdtemp, but with the mode any other new directory gets (mkdtemp's is 0700)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a file atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -48,26 +79,198 @@ def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def read_json(path: Path, what: str) -> Any:
+    """Parsed JSON of `path`; one-line errors that tell a missing, an unreadable and a corrupt file apart."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing ({what})") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: unreadable ({e.strerror or e}) ({what})") from None
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt, not valid JSON ({e}) ({what})") from None
+
+
+def read_json_object(path: Path, what: str, required: Iterable[str] = ()) -> dict[str, Any]:
+    """read_json, checked to be an object holding the `required` keys."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: corrupt, expected a JSON object, found a {type(data).__name__} ({what})")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ArtifactError(f"{path}: corrupt, lacks {', '.join(missing)} ({what})")
+    return data
+
+
+def safe_join(directory: Path, name: object, source: Path) -> Path:
+    """`directory / name` for a file name read from `source`, refused unless it stays inside
+    `directory` (no absolute path, no '..', no symbolic link out): a bundle made elsewhere must
+    not make us read, rewrite or delete files outside it."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ArtifactError(f"{source}: file name {name!r} is not a file name")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ArtifactError(f"{source}: file name {name!r} points outside {directory}")
+    path = Path(directory) / relative
+    if not path.resolve().is_relative_to(Path(directory).resolve()):
+        raise ArtifactError(f"{source}: file name {name!r} resolves outside {directory} (a symbolic link)")
+    return path
+
+
+# Locks ----------------------------------------------------------------------------------------
+
+_held: dict[str, list] = {}  # real path of the lock file -> [fd, count]: re-entrant in a process
+
+
 @contextlib.contextmanager
-def atomic_output_dir(final: Path) -> Iterator[Path]:
+def directory_lock(directory: Path, exclusive: bool = True) -> Iterator[None]:
+    """Hold `directory/.mvlm-compile.lock` (flock) for the block: exclusive for writers, shared for
+    readers. Held by another process: MvlmError at once (exit 2), never a wait. A reader of a
+    directory it cannot write (a read-only copy) goes without the lock."""
+    directory = Path(directory)
+    path = directory / LOCK
+    key = os.path.realpath(path)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        if exclusive or e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MvlmError(
+                f"{directory}: in use by another mvlm-compile ({'writing' if exclusive else 'reading or writing'}); "
+                "wait for it to finish (the lock is released when that process ends)"
+            ) from None
+        _held[key] = [fd, 1]
+    try:
+        if exclusive:
+            remove_staging_leftovers(directory)
+        yield
+    finally:
+        if fd is not None:
+            del _held[key]
+            os.close(fd)
+
+
+def remove_staging_leftovers(directory: Path, name: str | None = None) -> list[Path]:
+    """Remove our temporary entries (".<x>.<random>.tmp|.partial|.old") in `directory`, or only
+    those named after `name`. Called with the lock held, so no live process owns them: they are
+    what a killed run left (gigabytes for a real model)."""
+    removed = []
+    if not Path(directory).is_dir():
+        return removed
+    for entry in Path(directory).iterdir():
+        if not entry.name.startswith(".") or not entry.name.endswith(STAGING_SUFFIXES):
+            continue
+        if name is not None and not entry.name.startswith(f".{name}."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+# Output directories ---------------------------------------------------------------------------
+
+
+def _legacy_kind(directory: Path) -> str | None:
+    """The kind of a directory written before markers existed, from its own records."""
+    with contextlib.suppress(OSError, ValueError):
+        manifest = json.loads((directory / "manifest.json").read_text())
+        if isinstance(manifest, dict) and manifest.get("format") == "mvlm-compile-artifacts":
+            return "artifacts"
+        if isinstance(manifest, dict) and "components" in manifest and "generation" in manifest:
+            return "golden"
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((directory / "config.json").read_text())
+        if isinstance(config, dict) and "mvlm_compile_synthetic" in config:
+            return "checkpoint"
+    return None
+
+
+def directory_kind(directory: Path) -> str | None:
+    """What we wrote into `directory` ("artifacts", "golden", "checkpoint", "bundle"...), or None."""
+    directory = Path(directory)
+    with contextlib.suppress(OSError, ValueError):
+        marker = json.loads((directory / MARKER).read_text())
+        if isinstance(marker, dict) and isinstance(marker.get("kind"), str):
+            return marker["kind"]
+    return _legacy_kind(directory)
+
+
+def write_marker(directory: Path, kind: str) -> None:
+    write_json(Path(directory) / MARKER, {"kind": kind, "written_by": "mvlm-compile"})
+
+
+def check_output_dir(final: Path, kind: str, inputs: Iterable[Path | None] = (), option: str = "--out") -> None:
+    """Refuse (exit 2) an output path we may not write: a file, an input or a parent of one, or a
+    non-empty directory that is not a `kind` directory we wrote."""
+    final = Path(final)
+    here = final.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        there = Path(source).resolve()
+        if there == here or there.is_relative_to(here):
+            raise MvlmError(f"{option} {final}: is the input {source} or contains it; choose another directory")
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise MvlmError(f"{option} {final}: exists and is not a directory")
+    if final.is_dir():
+        entries = [p for p in final.iterdir() if p.name != LOCK]
+        if entries and directory_kind(final) != kind:
+            raise MvlmError(
+                f"{option} {final}: exists and is not an mvlm-compile {kind} directory; "
+                "refusing to replace it (remove it yourself or choose another directory)"
+            )
+
+
+@contextlib.contextmanager
+def atomic_output_dir(
+    final: Path, kind: str, inputs: Iterable[Path | None] = (), option: str = "--out"
+) -> Iterator[Path]:
     """Yield a temporary directory that becomes `final` only if the block succeeds.
 
-    An existing `final` is replaced as a whole; on any error (or Ctrl-C) the temporary
+    `final` must be new, empty, or a `kind` directory we wrote (check_output_dir); it is locked
+    for the duration and replaced as a whole. On any error (or Ctrl-C/SIGTERM) the temporary
     directory is removed and `final` is left as it was.
     """
     final = Path(final).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    inputs = list(inputs)
+    check_output_dir(final, kind, inputs, option)
+    created = not final.exists()
+    final.mkdir(parents=True, exist_ok=True)
     try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        with directory_lock(final):
+            check_output_dir(final, kind, inputs, option)  # again, now that no one else writes
+            remove_staging_leftovers(final.parent, name=final.name)
+            tmp = make_temp_dir(final.parent, prefix=f".{final.name}.", suffix=".partial")
+            try:
+                yield tmp
+                write_marker(tmp, kind)
+                old = final.with_name(f".{final.name}.{os.getpid()}.old")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if created and final.is_dir() and [p.name for p in final.iterdir()] in ([], [LOCK]):
+            shutil.rmtree(final, ignore_errors=True)
         raise

@@ -7,7 +7,7 @@ their content hashes and I/O, and per stage the hash of its inputs so that later
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -18,11 +18,25 @@ import numpy as np
 
 from mvlm_compile import __version__
 from mvlm_compile.errors import ArtifactError
-from mvlm_compile.fileio import sha256_file, write_json
+from mvlm_compile.fileio import directory_lock, read_json_object, safe_join, write_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "mvlm-compile-artifacts"
 FORMAT_VERSION = 1
+GRAPH_KEYS = ("file", "sha256", "dtype", "inputs", "outputs")
+
+
+def graph_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a graph: the .onnx and, when present, its external weights (.onnx.data)."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    for part in (path, path.with_name(f"{path.name}.data")):
+        if part is path or part.exists():
+            digest.update(part.name.encode() + b"\0")
+            with open(part, "rb") as f:
+                while block := f.read(chunk):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -49,11 +63,28 @@ class Manifest:
     def graph_path(self, directory: Path, name: str) -> Path:
         if name not in self.graphs:
             raise ArtifactError(f"{Path(directory) / MANIFEST_NAME}: no graph {name!r} (has {sorted(self.graphs)})")
-        return Path(directory) / self.graphs[name]["file"]
+        return safe_join(directory, self.graphs[name]["file"], Path(directory) / MANIFEST_NAME)
+
+    def file_path(self, directory: Path, key: str) -> Path:
+        """An artifact other than a graph (embed_tokens, tokenizer)."""
+        if key not in self.files:
+            raise ArtifactError(f"{Path(directory) / MANIFEST_NAME}: no file {key!r} (has {sorted(self.files)})")
+        return safe_join(directory, self.files[key], Path(directory) / MANIFEST_NAME)
 
     def graph_hashes(self, directory: Path) -> dict[str, str]:
-        """SHA-256 of every graph file as it is on disk now."""
-        return {name: sha256_file(self.graph_path(directory, name)) for name in self.graphs}
+        """SHA-256 of every graph (external weights included) as it is on disk now."""
+        return {name: graph_sha256(self.graph_path(directory, name)) for name in self.graphs}
+
+    def check_graph(self, directory: Path, name: str) -> Path:
+        """The graph's path, once its content is what the manifest recorded: a graph modified,
+        replaced or left half-written by an interrupted stage is refused before it is used or rewritten."""
+        path = self.graph_path(directory, name)
+        if graph_sha256(path) != self.graphs[name]["sha256"]:
+            raise ArtifactError(
+                f"{path}: content differs from {MANIFEST_NAME} (modified, or an interrupted stage): "
+                "re-export, or rebuild the bundle from the checkpoint"
+            )
+        return path
 
     def input_dtype(self, graph: str, name: str) -> type:
         """NumPy type of a graph input, as recorded when the graph was written (no session needed)."""
@@ -65,7 +96,7 @@ class Manifest:
     def record_graph(self, directory: Path, name: str, file: str, dtype: str, inputs: list, outputs: list) -> None:
         self.graphs[name] = {
             "file": file,
-            "sha256": sha256_file(Path(directory) / file),
+            "sha256": graph_sha256(safe_join(directory, file, Path(directory) / MANIFEST_NAME)),
             "dtype": dtype,
             "inputs": inputs,
             "outputs": outputs,
@@ -73,25 +104,32 @@ class Manifest:
 
 
 def load_manifest(directory: Path) -> Manifest:
-    """Read and check an artifacts manifest, including that every listed file exists."""
-    path = Path(directory) / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing (not an mvlm-compile artifacts directory)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
-    if data.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format is {data.get('format')!r}, expected {FORMAT!r}")
-    if data.get("format_version") != FORMAT_VERSION:
+    """Read and check an artifacts manifest: its structure, that every name stays inside the
+    directory, and that every listed file exists."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not (directory / MANIFEST_NAME).exists() and directory.is_dir():
+        raise ArtifactError(f"{path}: missing (not an mvlm-compile artifacts directory)")
+    data = read_json_object(path, "the artifacts manifest", required=("format", "format_version", "model"))
+    if data["format"] != FORMAT:
+        raise ArtifactError(f"{path}: format is {data['format']!r}, expected {FORMAT!r}")
+    if data["format_version"] != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: format_version {data.get('format_version')} but this mvlm-compile reads {FORMAT_VERSION}"
+            f"{path}: format_version {data['format_version']} but this mvlm-compile reads {FORMAT_VERSION}"
         )
-    manifest = Manifest(data["model"], data.get("graphs", {}), data.get("files", {}), data.get("stages", {}))
-    listed = [g["file"] for g in manifest.graphs.values()] + list(manifest.files.values())
-    missing = [f for f in listed if not (Path(directory) / f).exists()]
+    parts = {key: data.get(key, {}) for key in ("model", "graphs", "files", "stages")}
+    for key, value in parts.items():
+        if not isinstance(value, dict):
+            raise ArtifactError(f"{path}: corrupt, {key!r} is a {type(value).__name__}, expected an object")
+    for name, graph in parts["graphs"].items():
+        if not isinstance(graph, dict) or any(k not in graph for k in GRAPH_KEYS):
+            raise ArtifactError(f"{path}: corrupt, graph {name!r} lacks some of {', '.join(GRAPH_KEYS)}")
+    manifest = Manifest(parts["model"], parts["graphs"], parts["files"], parts["stages"])
+    listed = [manifest.graph_path(directory, g) for g in manifest.graphs]
+    listed += [manifest.file_path(directory, f) for f in manifest.files]
+    missing = [p.name for p in listed if not p.is_file()]
     if missing:
-        raise ArtifactError(f"{Path(directory)}: files listed in {MANIFEST_NAME} are missing: {missing}")
+        raise ArtifactError(f"{directory}: files listed in {MANIFEST_NAME} are missing: {missing}")
     return manifest
 
 
@@ -111,6 +149,11 @@ def keep_reference(directory: Path) -> Path | None:
     reference = directory / REFERENCE_DIR
     if (reference / MANIFEST_NAME).exists():
         return None
+    with directory_lock(directory):
+        return _make_reference(directory, reference)
+
+
+def _make_reference(directory: Path, reference: Path) -> Path:
     manifest = load_manifest(directory)
     reference.mkdir(exist_ok=True)
     for name in [g["file"] for g in manifest.graphs.values()] + list(manifest.files.values()):

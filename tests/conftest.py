@@ -46,3 +46,16 @@ def tiny_artifacts(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts") / "fp32"
     export_artifacts(tiny_checkpoint, out, dtype="fp32")
     return out
+
+
+def save_graph_by_hand(model, artifacts: Path, name: str) -> None:
+    """Replace graph `name` of an artifacts directory with `model` and record its new content in
+    manifest.json, as a stage does (stages refuse a graph whose content the manifest does not describe)."""
+    from mvlm_compile.manifest import load_manifest
+    from mvlm_compile.onnx_io import save_model
+
+    manifest = load_manifest(artifacts)
+    entry = manifest.graphs[name]
+    save_model(model, manifest.graph_path(artifacts, name))
+    manifest.record_graph(artifacts, name, entry["file"], entry["dtype"], entry["inputs"], entry["outputs"])
+    manifest.save(artifacts)

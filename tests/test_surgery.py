@@ -14,15 +14,13 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import GOLDEN_TINY
+from conftest import GOLDEN_TINY, save_graph_by_hand
 
 from mvlm_compile import contract, peg_op
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.export.exporter import export_artifacts
-from mvlm_compile.fileio import sha256_file
-from mvlm_compile.manifest import load_manifest
+from mvlm_compile.manifest import graph_sha256, load_manifest
 from mvlm_compile.model.ldpv2 import LDPNetV2Projector
-from mvlm_compile.onnx_io import save_model
 from mvlm_compile.peg_op import PEG_CONTRACT, peg_numpy
 from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session
 from mvlm_compile.runtime.pipeline import Pipeline
@@ -235,7 +233,7 @@ def _without_peg(model):
 def test_projector_without_peg_is_an_error_unless_allowed(tiny_artifacts, tmp_path):
     out = shutil.copytree(tiny_artifacts, tmp_path / "no_peg")
     no_peg = _without_peg(onnx.load(str(tiny_artifacts / "projector.onnx")))
-    save_model(no_peg, out / "projector.onnx")
+    save_graph_by_hand(no_peg, out, "projector")
     with pytest.raises(
         MvlmError, match=r"projector.onnx: pass peg_to_plugin: expected a PEG block.*--allow-missing peg_to_plugin"
     ):
@@ -302,7 +300,7 @@ def _decompose_layernorms(model):
 def test_decomposed_layer_norms_are_fused_back(tiny_artifacts, optimized, tmp_path):
     assert _record(optimized[1], "vision", "layernorm_fusion").detail == "already fused: 3 LayerNormalization"
     out = shutil.copytree(tiny_artifacts, tmp_path / "decomposed")
-    save_model(_decompose_layernorms(onnx.load(str(tiny_artifacts / "vision.onnx"))), out / "vision.onnx")
+    save_graph_by_hand(_decompose_layernorms(onnx.load(str(tiny_artifacts / "vision.onnx"))), out, "vision")
     assert not _nodes(out / "vision.onnx", "LayerNormalization")
     report = optimize_artifacts(out)
     fusion = _record(report, "vision", "layernorm_fusion")
@@ -349,7 +347,7 @@ def test_report_rows_json_and_manifest(optimized, tiny_artifacts):
     ]
     assert len(record["report"]) == len(report.records) and record["dims"]["seq"] == DEFAULT_DECODER_SEQ
     for name in GRAPHS:
-        assert manifest.graphs[name]["sha256"] == sha256_file(out / f"{name}.onnx") != exported.graphs[name]["sha256"]
+        assert manifest.graphs[name]["sha256"] == graph_sha256(out / f"{name}.onnx") != exported.graphs[name]["sha256"]
         assert record["graphs"][name]["input_sha256"] == exported.graphs[name]["sha256"]
         assert manifest.graphs[name]["inputs"] == exported.graphs[name]["inputs"]
         assert manifest.graphs[name]["outputs"] == exported.graphs[name]["outputs"]

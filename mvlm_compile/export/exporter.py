@@ -117,7 +117,7 @@ def export_artifacts(
         decoder_dynamic.update({name: {0: "batch", 2: "total"} for name in contract.present_names(i)})
 
     started = time.perf_counter()
-    with atomic_output_dir(out) as tmp, torch.no_grad():
+    with atomic_output_dir(out, "artifacts", inputs=[checkpoint, vision_tower]) as tmp, torch.no_grad():
         progress("exporting vision.onnx")
         _export(
             VisionEncoder(model).eval(),

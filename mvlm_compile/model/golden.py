@@ -142,7 +142,7 @@ def write_golden(
         "prompt_tokens": seq,
         "greedy_min_top2_margin": min(margins),
     }
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, "golden", inputs=[checkpoint_dir, vision_tower]) as tmp:
         _save_component(tmp, "vision", {contract.VISION_INPUT: pixel_values}, {contract.VISION_OUTPUT: image_features})
         _save_component(
             tmp, "projector", {contract.PROJECTOR_INPUT: image_features}, {contract.PROJECTOR_OUTPUT: image_embeds}

@@ -196,7 +196,7 @@ def write_synthetic_checkpoint(
         torch_dtype
     ]
 
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, "checkpoint") as tmp:
         write_json(tmp / "config.json", config)
         shapes = _published_shapes(tmp, preset.vision)
         # The CLIP directory names its tensors vision_model.* like openai/clip-vit-large-patch14-336.
@@ -218,7 +218,7 @@ def write_synthetic_checkpoint(
         _write_sharded(tmp, main_shapes, make, bytes_per_value, max_shard_bytes)
         write_synthetic_tokenizer(tmp, vocab_size=preset.tokenizer_vocab)
     if separate:
-        with atomic_output_dir(clip_out) as tmp:
+        with atomic_output_dir(clip_out, "checkpoint", inputs=[out], option="--clip-out") as tmp:
             write_json(tmp / "config.json", _clip_config_json(preset.vision))
             _write_sharded(tmp, vision_shapes, make, bytes_per_value, max_shard_bytes)
     return out

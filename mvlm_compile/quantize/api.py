@@ -12,7 +12,6 @@ as they are. Accuracy is measured afterwards, by mvlm_compile.verify.accuracy.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from mvlm_compile.fileio import atomic_output_dir
+from mvlm_compile.fileio import atomic_output_dir, directory_lock, make_temp_dir
 from mvlm_compile.manifest import Manifest, load_manifest, replace_graph
 from mvlm_compile.onnx_io import graph_io, load_model, save_model
 from mvlm_compile.quantize import calibration as calib
@@ -196,7 +195,13 @@ def _fp16_step(
 
 
 def _commit(
-    src: Path, dest: Path, manifest: Manifest, settings: QuantizeSettings, staging: Path, staged: _Staged
+    src: Path,
+    dest: Path,
+    manifest: Manifest,
+    settings: QuantizeSettings,
+    staging: Path,
+    staged: _Staged,
+    report: QuantizeReport,
 ) -> None:
     """Move the staged graphs into `dest` and record the stage in its manifest (saved last)."""
     for name, file in staged.files.items():
@@ -212,6 +217,7 @@ def _commit(
         "graphs": staged.graphs,
         "source": str(src.absolute()),
         "seconds": staged.seconds,
+        "report": report.summary(),
     }
     manifest.save(dest)
 
@@ -237,35 +243,41 @@ def quantize_artifacts(
     """Quantize an artifacts directory in place, or into `out`. `settings` default to the
     artifacts' recipe (resolve_settings)."""
     src = Path(artifacts_dir)
-    manifest = load_manifest(src)
-    settings = settings or resolve_settings(manifest)
-    spec = calibration or calib.CalibrationSpec()
+    # In place: the only writer of the artifacts. With `out`: one of its readers.
+    with directory_lock(src, exclusive=out is None):
+        manifest = load_manifest(src)
+        settings = settings or resolve_settings(manifest)
+        return _quantize_locked(src, manifest, settings, calibration or calib.CalibrationSpec(), out, progress)
+
+
+def _quantize_locked(
+    src: Path,
+    manifest: Manifest,
+    settings: QuantizeSettings,
+    spec: calib.CalibrationSpec,
+    out: Path | None,
+    progress: Progress,
+) -> QuantizeReport:
     started = time.perf_counter()
     staged = _Staged()
+    for name in manifest.graphs:
+        manifest.check_graph(src, name)  # never quantize (or copy) a graph the manifest does not describe
     # Staged beside where the files end up, so that the final os.replace stays on one filesystem.
-    staging = Path(
-        tempfile.mkdtemp(dir=Path(out).absolute().parent if out else src, prefix=".quantize.", suffix=".tmp")
-    )
+    staging = make_temp_dir(Path(out).absolute().parent if out else src, prefix=".quantize.", suffix=".tmp")
     try:
         if settings.decoder == "int4":
             _quantize_decoder_step(src, manifest, settings, spec, staging, staged, progress)
         _fp16_step(src, manifest, settings, staging, staged, progress)
         staged.seconds["total"] = round(time.perf_counter() - started, 1)
+        report = QuantizeReport(
+            str(out or src), settings, staged.calibration, staged.graphs, staged.sizes, staged.seconds, staged.linears
+        )
         if out is None:
-            dest = src
-            _commit(src, dest, manifest, settings, staging, staged)
+            _commit(src, src, manifest, settings, staging, staged, report)
         else:
-            with atomic_output_dir(Path(out)) as tmp:
+            with atomic_output_dir(Path(out), "artifacts", inputs=[src]) as tmp:
                 _copy_unchanged(src, tmp, manifest, staged)
-                _commit(src, tmp, manifest, settings, staging, staged)
-            dest = Path(out)
+                _commit(src, tmp, manifest, settings, staging, staged, report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-    report = QuantizeReport(
-        str(dest), settings, staged.calibration, staged.graphs, staged.sizes, staged.seconds, staged.linears
-    )
-    manifest = load_manifest(dest)
-    manifest.stages["quantize"]["report"] = report.summary()
-    manifest.save(dest)
     return report

@@ -98,7 +98,7 @@ class Calibration:
 def _tokenizer_encode(artifacts: Path, manifest: Manifest) -> Callable[[str], list[int]]:
     from tokenizers import Tokenizer
 
-    path = Path(artifacts) / manifest.files.get("tokenizer", "tokenizer.json")
+    path = manifest.file_path(artifacts, "tokenizer")
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises its own exception type

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from mvlm_compile.errors import ArtifactError
+from mvlm_compile.fileio import directory_lock
 from mvlm_compile.manifest import Manifest, load_manifest
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -36,7 +39,10 @@ def ort_session(path: Path, threads: int = 0, extra_outputs: Sequence[str] = ())
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
         source = model.SerializeToString()
         del model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load the graph ({type(e).__name__}: {e})") from None
 
 
 class OrtBackend:
@@ -46,12 +52,15 @@ class OrtBackend:
 
     def __init__(self, artifacts: Path, manifest: Manifest | None = None) -> None:
         self.artifacts = Path(artifacts)
+        # A reader: no stage may rewrite the graphs under a running session.
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(directory_lock(self.artifacts, exclusive=False))
         self.manifest = manifest or load_manifest(self.artifacts)
         self._sessions: dict = {}
 
     def _session(self, graph: str):
         if graph not in self._sessions:
-            self._sessions[graph] = ort_session(self.manifest.graph_path(self.artifacts, graph))
+            self._sessions[graph] = ort_session(self.manifest.check_graph(self.artifacts, graph))
         return self._sessions[graph]
 
     def input_dtype(self, graph: str, name: str) -> type:
@@ -66,6 +75,7 @@ class OrtBackend:
 
     def close(self) -> None:
         self._sessions.clear()
+        self._lock.close()
 
     def __enter__(self) -> OrtBackend:
         return self

@@ -38,7 +38,7 @@ class Pipeline:
         model = backend.manifest.model
         self.num_layers = int(model["num_layers"])
         self.image_token_index = int(model["image_token_index"])
-        table_path = backend.artifacts / backend.manifest.files["embed_tokens"]
+        table_path = backend.manifest.file_path(backend.artifacts, "embed_tokens")
         self.embed_table = np.load(table_path, mmap_mode="r", allow_pickle=False)
         self.kv_dtype = backend.input_dtype("decoder", contract.past_names(0)[0])
 
@@ -107,7 +107,7 @@ class Chat:
 
         self.pipeline = pipeline
         manifest = pipeline.backend.manifest
-        self.tokenizer = Tokenizer.from_file(str(pipeline.backend.artifacts / manifest.files["tokenizer"]))
+        self.tokenizer = Tokenizer.from_file(str(manifest.file_path(pipeline.backend.artifacts, "tokenizer")))
         self.bos = int(manifest.model["bos_token_id"])
         self.eos = int(manifest.model["eos_token_id"])
         self.context = int(manifest.model["max_context"])

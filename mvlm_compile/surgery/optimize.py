@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from mvlm_compile.errors import MvlmError
+from mvlm_compile.fileio import directory_lock
 from mvlm_compile.manifest import load_manifest, replace_graph
 from mvlm_compile.onnx_io import load_model, save_model
 from mvlm_compile.surgery.passes import GRAPH_PASSES, PASSES, PassContext, PatternMissing, graph_fingerprint
@@ -160,38 +161,39 @@ def optimize_artifacts(
     unknown = sorted(set(allow_missing) - set(PASSES))
     if unknown:
         raise MvlmError(f"--allow-missing {', '.join(unknown)}: no such pass (passes: {', '.join(PASSES)})")
-    manifest = load_manifest(artifacts_dir)
-    dims = {"batch": 1, "seq": decoder_seq, "past": 0, "total": decoder_seq}
-    report = OptimizeReport(artifacts_dir, dims)
-    started = time.perf_counter()
-    graphs_record = {}
-    for name in GRAPH_PASSES:
-        entry = manifest.graphs[name]
-        path = manifest.graph_path(artifacts_dir, name)
-        progress(f"loading {entry['file']}")
-        rewritten, records = optimize_graph(
-            load_model(path), PassContext(name, manifest.model), dims, allow_missing, progress
-        )
-        report.records.extend(records)
-        if rewritten is not None:
-            progress(f"writing {entry['file']}")
-            with tempfile.TemporaryDirectory(dir=artifacts_dir, prefix=".optimize.", suffix=".tmp") as staging:
-                save_model(rewritten, Path(staging) / entry["file"])
-                del rewritten
-                replace_graph(artifacts_dir, entry["file"], Path(staging))
-        input_sha256 = entry["sha256"]
-        manifest.record_graph(artifacts_dir, name, entry["file"], entry["dtype"], entry["inputs"], entry["outputs"])
-        manifest.save(artifacts_dir)  # after each graph, so the manifest's hashes always match the files
-        graphs_record[name] = {"input_sha256": input_sha256, **report.totals()[name]}
-    manifest.stages["optimize"] = {
-        "passes": {name: list(passes) for name, passes in GRAPH_PASSES.items()},
-        "allow_missing": list(allow_missing),
-        "dims": dims,
-        "report": [asdict(r) for r in report.records],
-        "graphs": graphs_record,
-        "onnx_graphsurgeon": gs.__version__,
-        "onnx": onnx.__version__,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    manifest.save(artifacts_dir)
-    return report
+    with directory_lock(artifacts_dir):  # the only writer of these graphs
+        manifest = load_manifest(artifacts_dir)
+        dims = {"batch": 1, "seq": decoder_seq, "past": 0, "total": decoder_seq}
+        report = OptimizeReport(artifacts_dir, dims)
+        started = time.perf_counter()
+        graphs_record = {}
+        for name in GRAPH_PASSES:
+            entry = manifest.graphs[name]
+            path = manifest.check_graph(artifacts_dir, name)  # never rewrite what the manifest does not describe
+            progress(f"loading {entry['file']}")
+            rewritten, records = optimize_graph(
+                load_model(path), PassContext(name, manifest.model), dims, allow_missing, progress
+            )
+            report.records.extend(records)
+            if rewritten is not None:
+                progress(f"writing {entry['file']}")
+                with tempfile.TemporaryDirectory(dir=artifacts_dir, prefix=".optimize.", suffix=".tmp") as staging:
+                    save_model(rewritten, Path(staging) / entry["file"])
+                    del rewritten
+                    replace_graph(artifacts_dir, entry["file"], Path(staging))
+            input_sha256 = entry["sha256"]
+            manifest.record_graph(artifacts_dir, name, entry["file"], entry["dtype"], entry["inputs"], entry["outputs"])
+            manifest.save(artifacts_dir)  # after each graph, so the manifest's hashes always match the files
+            graphs_record[name] = {"input_sha256": input_sha256, **report.totals()[name]}
+        manifest.stages["optimize"] = {
+            "passes": {name: list(passes) for name, passes in GRAPH_PASSES.items()},
+            "allow_missing": list(allow_missing),
+            "dims": dims,
+            "report": [asdict(r) for r in report.records],
+            "graphs": graphs_record,
+            "onnx_graphsurgeon": gs.__version__,
+            "onnx": onnx.__version__,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        manifest.save(artifacts_dir)
+        return report
