@@ -26,7 +26,15 @@ from mvlm_compile import __version__
 from mvlm_compile.engine.plan import BuildSettings, Geometry, MemoryPlan, check_fits, plan_memory
 from mvlm_compile.engines_record import ENGINES_MANIFEST
 from mvlm_compile.errors import ArtifactError, MvlmError
-from mvlm_compile.fileio import digest, write_bytes, write_json
+from mvlm_compile.fileio import (
+    check_output_dir,
+    digest,
+    directory_kind,
+    directory_lock,
+    write_bytes,
+    write_json,
+    write_marker,
+)
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest, keep_reference, load_manifest
 from mvlm_compile.peg_op import PEG_DIR, find_plugin_library
 from mvlm_compile.recipes import Recipe, Target, load_recipe, load_target
@@ -36,6 +44,7 @@ ARTIFACTS_DIR = "artifacts"
 GOLDEN_DIR = "golden"
 BUNDLE_RECORD = "bundle.json"
 BUNDLE_NOTE = "BUILD_ON_TARGET.txt"
+HOST_STAGES = ".host-stages.json"  # what golden and export were made from
 Progress = Callable[[str], None]
 
 
@@ -102,8 +111,8 @@ def _host_stages(
     ran = {}
     golden, artifacts = bundle / GOLDEN_DIR, bundle / ARTIFACTS_DIR
     key = digest(str(checkpoint), _checkpoint_stamp(checkpoint, vision_tower), __version__)
-    stamp = bundle / ".host-stages.json"
-    previous = json.loads(stamp.read_text()) if stamp.exists() else {}
+    stamp = bundle / HOST_STAGES
+    previous = _read_stamp(stamp)
     if force or previous.get("golden") != key or not (golden / MANIFEST_NAME).exists():
         progress("golden: running the FP32 reference")
         write_golden(checkpoint, golden, vision_tower=vision_tower)
@@ -121,6 +130,15 @@ def _host_stages(
     _copy_plugin_sources(bundle)
     write_json(stamp, {"golden": key, "export": key})
     return ran
+
+
+def _read_stamp(path: Path) -> dict:
+    """The host stages' record; one that cannot be read is no record (the stages run again)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _checkpoint_stamp(checkpoint: Path, vision_tower: Path | None) -> list:
@@ -150,21 +168,17 @@ def _stage_is_current(manifest: Manifest, name: str, params: dict, on_disk: dict
 
 
 def _graph_stage(
-    name: str, artifacts: Path, params: dict, run: Callable[[], None], force: bool, progress: Progress
+    name: str, artifacts: Path, params: dict, run: Callable[[dict], object], force: bool, progress: Progress
 ) -> str:
-    """Run an in-place graph stage unless it is current (see _stage_is_current)."""
+    """Run an in-place graph stage unless it is current (see _stage_is_current). The stage writes
+    `record` (its params and inputs; it adds its outputs) in the same manifest save that commits
+    its graphs, so the manifest and the disk never disagree about what ran."""
     manifest = load_manifest(artifacts)
     before = manifest.graph_hashes(artifacts)
     if not force and _stage_is_current(manifest, name, params, before):
         return "skipped (unchanged)"
     progress(f"{name}: running")
-    run()
-    manifest = load_manifest(artifacts)
-    manifest.stages.setdefault(name, {})
-    manifest.stages[name]["params_sha256"] = digest(params)
-    manifest.stages[name]["inputs_sha256"] = before
-    manifest.stages[name]["outputs_sha256"] = manifest.graph_hashes(artifacts)
-    manifest.save(artifacts)
+    run({"params_sha256": digest(params), "inputs_sha256": before})
     return "ran"
 
 
@@ -228,7 +242,37 @@ def build(
     force: bool = False,
     progress: Progress = lambda msg: None,
 ) -> BuildResult:
-    """Run every stage into `bundle`; see the module docstring."""
+    """Run every stage into `bundle` (see the module docstring), its only writer while it runs.
+
+    From a checkpoint, `bundle` must be new, empty or a bundle we made, and neither the
+    checkpoint nor one of its parents."""
+    bundle = Path(bundle)
+    if checkpoint is not None:
+        check_output_dir(bundle, "bundle", inputs=[checkpoint, vision_tower])
+        bundle.mkdir(parents=True, exist_ok=True)
+    else:
+        bundle = resolve_artifacts(bundle)[0]
+    with directory_lock(bundle):
+        if checkpoint is not None:
+            check_output_dir(bundle, "bundle", inputs=[checkpoint, vision_tower])  # now that no one else writes
+            if directory_kind(bundle) != "bundle":
+                write_marker(bundle, "bundle")
+        return _build_locked(
+            target_name, bundle, checkpoint, vision_tower, recipe_name, context, batch, force, progress
+        )
+
+
+def _build_locked(
+    target_name: str,
+    bundle: Path,
+    checkpoint: Path | None = None,
+    vision_tower: Path | None = None,
+    recipe_name: str | None = None,
+    context: int | None = None,
+    batch: int | None = None,
+    force: bool = False,
+    progress: Progress = lambda msg: None,
+) -> BuildResult:
     from mvlm_compile.quantize import QuantizeSettings, quantize_artifacts
     from mvlm_compile.surgery import optimize_artifacts
 
@@ -253,14 +297,19 @@ def build(
 
     keep_reference(artifacts)
     stages["optimize"] = _graph_stage(
-        "optimize", artifacts, {}, lambda: optimize_artifacts(artifacts, progress=progress), force, progress
+        "optimize",
+        artifacts,
+        {},
+        lambda record: optimize_artifacts(artifacts, progress=progress, stage_record=record),
+        force,
+        progress,
     )
     quantize = QuantizeSettings.resolve(recipe)
     stages["quantize"] = _graph_stage(
         "quantize",
         artifacts,
         quantize.to_json(),
-        lambda: quantize_artifacts(artifacts, quantize, progress=progress),
+        lambda record: quantize_artifacts(artifacts, quantize, progress=progress, stage_record=record),
         force,
         progress,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -105,7 +106,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command()
 @click.option("--preset", type=click.Choice(["tiny", "mobilevlm-v2-1.7b", "mobilevlm-v2-3b"]), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Default: fp32 for tiny, fp16 otherwise."
 )
@@ -364,8 +365,10 @@ def quantize(
     help="Bundle directory to write (when SOURCE is a checkpoint).",
 )
 @click.option("--recipe", default=None, help="Recipe name or YAML path (default: the one matching the model).")
-@click.option("--context", type=int, default=None, help="Context length (default: target, then recipe).")
-@click.option("--batch", type=int, default=None, help="Decoder batch (default: target, then recipe).")
+@click.option(
+    "--context", type=click.IntRange(min=2), default=None, help="Context length (default: target, then recipe)."
+)
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Decoder batch (default: target, then recipe).")
 @click.option("--force", is_flag=True, help="Rerun every stage even when its inputs are unchanged.")
 @_json_option
 def build(
@@ -568,11 +571,15 @@ def run(
 )
 @_vision_tower_option
 @click.option(
-    "--prompt-tokens", type=int, default=256, show_default=True, help="Prefill length (image tokens included)."
+    "--prompt-tokens",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Prefill length (image tokens included).",
 )
-@click.option("--decode-steps", type=int, default=32, show_default=True)
-@click.option("--warmup", type=int, default=2, show_default=True)
-@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--decode-steps", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the results as JSON here.")
 @_json_option
 def bench(
@@ -644,7 +651,12 @@ def bench(
         )
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary outputs removed, exit 130
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="mvlm-compile")
 
 

@@ -7,13 +7,12 @@ mismatch is refused with the reason rather than failing inside TensorRT.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mvlm_compile import __version__
 from mvlm_compile.errors import ArtifactError
-from mvlm_compile.fileio import sha256_file, write_json
+from mvlm_compile.fileio import read_json_object, safe_join, sha256_file, write_json
 
 ENGINES_MANIFEST = "engines.json"
 KIND = "mvlm-compile engines"
@@ -26,15 +25,31 @@ def write_engines_record(engines_dir: Path, record: dict[str, Any]) -> None:
     write_json(Path(engines_dir) / ENGINES_MANIFEST, {"kind": KIND, "mvlm_compile_version": __version__, **record})
 
 
+REQUIRED = ("tensorrt_version", "gpu", "plugin", "engines")
+
+
 def read_engines_record(engines_dir: Path) -> dict[str, Any] | None:
-    """The record, or None when there is none."""
+    """The record, checked (structure, engine file names inside the directory), or None when there is none."""
     path = Path(engines_dir) / ENGINES_MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable ({e})") from None
+    record = read_json_object(path, "the engines record", required=REQUIRED)
+    if (
+        not isinstance(record["engines"], dict)
+        or not isinstance(record["gpu"], dict)
+        or not isinstance(record["plugin"], dict)
+    ):
+        raise ArtifactError(f"{path}: corrupt, 'engines', 'gpu' and 'plugin' must be objects")
+    for name, engine in record["engines"].items():
+        if not isinstance(engine, dict) or "file" not in engine or "sha256" not in engine:
+            raise ArtifactError(f"{path}: corrupt, engine {name!r} lacks 'file' or 'sha256'")
+        safe_join(engines_dir, engine["file"], path)
+    return record
+
+
+def engine_path(engines_dir: Path, record: dict[str, Any], name: str) -> Path:
+    """The file of engine `name`, inside `engines_dir` (names from engines.json are not trusted)."""
+    return safe_join(engines_dir, record["engines"][name]["file"], Path(engines_dir) / ENGINES_MANIFEST)
 
 
 def check_engines_record(
@@ -56,9 +71,8 @@ def check_engines_record(
         )
     if record["plugin"]["sha256"] != sha256_file(plugin_path):
         raise ArtifactError(f"{path}: built with another PEG plugin library than {plugin_path} (hash differs): rebuild")
-    for engine in record["engines"].values():
-        if sha256_file(Path(engines_dir) / engine["file"]) != engine["sha256"]:
-            raise ArtifactError(
-                f"{Path(engines_dir) / engine['file']}: content differs from {ENGINES_MANIFEST} (corrupt or replaced)"
-            )
+    for name in record["engines"]:
+        file = engine_path(engines_dir, record, name)
+        if not file.is_file() or sha256_file(file) != record["engines"][name]["sha256"]:
+            raise ArtifactError(f"{file}: missing or its content differs from {ENGINES_MANIFEST} (corrupt or replaced)")
     return record

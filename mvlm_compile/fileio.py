@@ -21,7 +21,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,21 @@ def safe_join(directory: Path, name: object, source: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends: for the few renames and the manifest save
+    that commit a stage, so an interrupt never leaves the manifest and the disk out of step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 # Locks ----------------------------------------------------------------------------------------
 
 _held: dict[str, list] = {}  # real path of the lock file -> [fd, count]: re-entrant in a process
@@ -197,6 +214,8 @@ def _legacy_kind(directory: Path) -> str | None:
             return "artifacts"
         if isinstance(manifest, dict) and "components" in manifest and "generation" in manifest:
             return "golden"
+    if (directory / "bundle.json").is_file() or (directory / ".host-stages.json").is_file():
+        return "bundle"
     with contextlib.suppress(OSError, ValueError):
         config = json.loads((directory / "config.json").read_text())
         if isinstance(config, dict) and "mvlm_compile_synthetic" in config:

@@ -97,5 +97,5 @@ def test_workspace_is_what_is_left_within_limits():
 def test_context_is_capped_by_the_model_and_checked():
     recipe, target = load_recipe("tiny"), load_targets()["orin-agx-64gb"]
     assert BuildSettings.resolve(recipe, target, 512).context == 512  # target default 2048
-    with pytest.raises(MvlmError, match=r"--context 4096: the model's context is 512"):
+    with pytest.raises(MvlmError, match=r"--context 4096: expected 2 to the model's context of 512"):
         BuildSettings.resolve(recipe, target, 512, context=4096)

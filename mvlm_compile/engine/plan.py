@@ -67,11 +67,17 @@ class BuildSettings:
         cls, recipe: Recipe, target: Target, model_context: int, context: int | None = None, batch: int | None = None
     ) -> BuildSettings:
         """Explicit options, else the target's defaults, else the recipe's; never past the model's context."""
-        if context is not None and context > model_context:
-            raise MvlmError(f"--context {context}: the model's context is {model_context} (max_position_embeddings)")
-        ctx = min(int(context or target.defaults.get("context") or recipe.defaults["context"]), model_context)
+        if context is not None and not 2 <= context <= model_context:
+            raise MvlmError(
+                f"--context {context}: expected 2 to the model's context of {model_context} (max_position_embeddings)"
+            )
+        if batch is not None and batch < 1:
+            raise MvlmError(f"--batch {batch}: expected at least 1")
+        if context is None:
+            context = int(target.defaults.get("context") or recipe.defaults["context"])
+        ctx = min(context, model_context)
         max_prompt = min(int(recipe.defaults["max_prompt"]), ctx - 1)
-        b = int(batch or target.defaults.get("batch") or recipe.defaults["batch"])
+        b = int(batch if batch is not None else target.defaults.get("batch") or recipe.defaults["batch"])
         return cls(context=ctx, max_prompt=max_prompt, batch=b, vision_batch=int(recipe.defaults["vision_batch"]))
 
 

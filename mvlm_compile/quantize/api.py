@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from mvlm_compile.fileio import atomic_output_dir, directory_lock, make_temp_dir
+from mvlm_compile.fileio import atomic_output_dir, deferred_signals, directory_lock, make_temp_dir
 from mvlm_compile.manifest import Manifest, load_manifest, replace_graph
 from mvlm_compile.onnx_io import graph_io, load_model, save_model
 from mvlm_compile.quantize import calibration as calib
@@ -202,8 +202,24 @@ def _commit(
     staging: Path,
     staged: _Staged,
     report: QuantizeReport,
+    stage_record: dict,
 ) -> None:
-    """Move the staged graphs into `dest` and record the stage in its manifest (saved last)."""
+    """Move the staged graphs into `dest` and record the stage in its manifest (saved last).
+    SIGINT/SIGTERM wait until the manifest matches the disk again."""
+    with deferred_signals():
+        _move_and_record(src, dest, manifest, settings, staging, staged, report, stage_record)
+
+
+def _move_and_record(
+    src: Path,
+    dest: Path,
+    manifest: Manifest,
+    settings: QuantizeSettings,
+    staging: Path,
+    staged: _Staged,
+    report: QuantizeReport,
+    stage_record: dict,
+) -> None:
     for name, file in staged.files.items():
         replace_graph(dest, file, staging)
         manifest.record_graph(dest, name, file, staged.graphs[name]["dtype"], *graph_io(dest / file))
@@ -218,7 +234,12 @@ def _commit(
         "source": str(src.absolute()),
         "seconds": staged.seconds,
         "report": report.summary(),
+        **stage_record,
     }
+    if stage_record:
+        manifest.stages["quantize"]["outputs_sha256"] = {
+            name: graph["sha256"] for name, graph in manifest.graphs.items()
+        }
     manifest.save(dest)
 
 
@@ -239,15 +260,18 @@ def quantize_artifacts(
     calibration: calib.CalibrationSpec | None = None,
     out: Path | None = None,
     progress: Progress = lambda msg: None,
+    stage_record: dict | None = None,
 ) -> QuantizeReport:
     """Quantize an artifacts directory in place, or into `out`. `settings` default to the
-    artifacts' recipe (resolve_settings)."""
+    artifacts' recipe (resolve_settings). `stage_record` (the orchestrator's) is written into the
+    stage record, with the graphs' hashes as outputs_sha256."""
     src = Path(artifacts_dir)
     # In place: the only writer of the artifacts. With `out`: one of its readers.
     with directory_lock(src, exclusive=out is None):
         manifest = load_manifest(src)
         settings = settings or resolve_settings(manifest)
-        return _quantize_locked(src, manifest, settings, calibration or calib.CalibrationSpec(), out, progress)
+        spec = calibration or calib.CalibrationSpec()
+        return _quantize_locked(src, manifest, settings, spec, out, progress, stage_record or {})
 
 
 def _quantize_locked(
@@ -257,6 +281,7 @@ def _quantize_locked(
     spec: calib.CalibrationSpec,
     out: Path | None,
     progress: Progress,
+    stage_record: dict,
 ) -> QuantizeReport:
     started = time.perf_counter()
     staged = _Staged()
@@ -273,11 +298,11 @@ def _quantize_locked(
             str(out or src), settings, staged.calibration, staged.graphs, staged.sizes, staged.seconds, staged.linears
         )
         if out is None:
-            _commit(src, src, manifest, settings, staging, staged, report)
+            _commit(src, src, manifest, settings, staging, staged, report, stage_record)
         else:
             with atomic_output_dir(Path(out), "artifacts", inputs=[src]) as tmp:
                 _copy_unchanged(src, tmp, manifest, staged)
-                _commit(src, tmp, manifest, settings, staging, staged, report)
+                _commit(src, tmp, manifest, settings, staging, staged, report, stage_record)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

@@ -9,7 +9,7 @@ import numpy as np
 
 from mvlm_compile import contract
 from mvlm_compile.errors import MvlmError
-from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
+from mvlm_compile.model.prompt import IMAGE_PLACEHOLDER, build_prompt, tokenize_with_image
 from mvlm_compile.runtime.backend import Backend
 
 
@@ -70,6 +70,8 @@ class Pipeline:
 
     def greedy(self, inputs_embeds: np.ndarray, max_new_tokens: int) -> list[int]:
         """Greedy tokens for one sequence (no stop at EOS: the golden run has none)."""
+        if max_new_tokens < 1:
+            return []
         logits, past = self.step(inputs_embeds, self.empty_cache())
         tokens: list[int] = []
         while True:
@@ -79,6 +81,9 @@ class Pipeline:
             logits, past = self.step(self.embed([tokens[-1]]), past)
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+
 @dataclass
 class Sampling:
     """Greedy when temperature == 0; else temperature + nucleus (top-p) sampling."""
@@ -86,6 +91,17 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # NaN slips through comparisons, and below 0.01 exp(logits / T) overflows float64.
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise MvlmError(
+                f"--temperature {self.temperature}: expected 0 (greedy) or {MIN_TEMPERATURE} to {MAX_TEMPERATURE}"
+            )
+        if not 0 < self.top_p <= 1:
+            raise MvlmError(f"--top-p {self.top_p}: expected a number in (0, 1]")
+        if self.seed < 0:
+            raise MvlmError(f"--seed {self.seed}: expected a non-negative integer")
 
 
 def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
@@ -97,6 +113,18 @@ def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator)
     order = np.argsort(-probs)
     keep = order[: int(np.searchsorted(np.cumsum(probs[order]), sampling.top_p) + 1)]
     return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
+
+
+def check_question(question: str) -> None:
+    """A user's question: text the tokenizer can take, without the template's own image placeholder."""
+    if IMAGE_PLACEHOLDER in question:
+        raise MvlmError(f"--prompt: must not contain {IMAGE_PLACEHOLDER} (the template places the image itself)")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MvlmError("--prompt: is not valid UTF-8 text") from None
+    if not question.strip():
+        raise MvlmError("--prompt: is empty")
 
 
 class Chat:
@@ -125,6 +153,11 @@ class Chat:
         on_text: Callable[[str], None] | None = None,
     ) -> str:
         """Answer text; stops at EOS, a stop string or max_new_tokens; `on_text` gets each new piece."""
+        check_question(question)
+        if max_new_tokens < 1:
+            raise MvlmError(f"--max-new-tokens {max_new_tokens}: expected at least 1")
+        if any(not s for s in stop):
+            raise MvlmError("--stop: an empty stop string would stop before the first token")
         ids = self.prompt_ids(question)
         prompt_tokens = len(ids) - 1 + int(self.pipeline.backend.manifest.model["image_tokens"])
         if prompt_tokens + max_new_tokens > self.context:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mvlm_compile import contract
-from mvlm_compile.engines_record import DECODE_PROFILE, PREFILL_PROFILE, check_engines_record
+from mvlm_compile.engines_record import DECODE_PROFILE, PREFILL_PROFILE, check_engines_record, engine_path
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.manifest import Manifest, load_manifest
 from mvlm_compile.peg_op import find_plugin_library
@@ -36,8 +36,10 @@ class TrtBackend:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engines = {}
         self._runners = {}
-        for name, engine in self.record["engines"].items():
-            self._engines[name] = runtime.deserialize_cuda_engine((Path(engines_dir) / engine["file"]).read_bytes())
+        for name in self.record["engines"]:
+            self._engines[name] = runtime.deserialize_cuda_engine(
+                engine_path(engines_dir, self.record, name).read_bytes()
+            )
             profiles = [PREFILL_PROFILE, DECODE_PROFILE] if name == "decoder" else [0]
             for profile in profiles:
                 runner = TrtRunner(self._engines[name], optimization_profile=profile)

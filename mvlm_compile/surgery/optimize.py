@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from mvlm_compile.errors import MvlmError
-from mvlm_compile.fileio import directory_lock
+from mvlm_compile.fileio import deferred_signals, directory_lock
 from mvlm_compile.manifest import load_manifest, replace_graph
 from mvlm_compile.onnx_io import load_model, save_model
 from mvlm_compile.surgery.passes import GRAPH_PASSES, PASSES, PassContext, PatternMissing, graph_fingerprint
@@ -150,12 +150,14 @@ def optimize_artifacts(
     allow_missing: Iterable[str] = (),
     progress: Callable[[str], None] = lambda msg: None,
     decoder_seq: int = DEFAULT_DECODER_SEQ,
+    stage_record: dict | None = None,
 ) -> OptimizeReport:
     """Optimize vision.onnx, projector.onnx and decoder.onnx in place and record the stage in
     the manifest (refreshed SHA-256 per graph, and `stages["optimize"]`: passes, per-pass
     report, node counts and MACs). `allow_missing` names passes whose missing pattern is
     reported as skipped instead of raising. MACs are counted at batch 1, the decoder as a
-    prefill of `decoder_seq` tokens."""
+    prefill of `decoder_seq` tokens. `stage_record` (the orchestrator's) is written into the stage
+    record, with the graphs' hashes as outputs_sha256."""
     artifacts_dir = Path(artifacts_dir)
     allow_missing = tuple(allow_missing)
     unknown = sorted(set(allow_missing) - set(PASSES))
@@ -180,11 +182,14 @@ def optimize_artifacts(
                 with tempfile.TemporaryDirectory(dir=artifacts_dir, prefix=".optimize.", suffix=".tmp") as staging:
                     save_model(rewritten, Path(staging) / entry["file"])
                     del rewritten
-                    replace_graph(artifacts_dir, entry["file"], Path(staging))
-            input_sha256 = entry["sha256"]
-            manifest.record_graph(artifacts_dir, name, entry["file"], entry["dtype"], entry["inputs"], entry["outputs"])
-            manifest.save(artifacts_dir)  # after each graph, so the manifest's hashes always match the files
-            graphs_record[name] = {"input_sha256": input_sha256, **report.totals()[name]}
+                    # The manifest is saved after each graph, so its hashes always match the files.
+                    with deferred_signals():
+                        replace_graph(artifacts_dir, entry["file"], Path(staging))
+                        manifest.record_graph(
+                            artifacts_dir, name, entry["file"], entry["dtype"], entry["inputs"], entry["outputs"]
+                        )
+                        manifest.save(artifacts_dir)
+            graphs_record[name] = {"input_sha256": entry["sha256"], **report.totals()[name]}
         manifest.stages["optimize"] = {
             "passes": {name: list(passes) for name, passes in GRAPH_PASSES.items()},
             "allow_missing": list(allow_missing),
@@ -195,5 +200,8 @@ def optimize_artifacts(
             "onnx": onnx.__version__,
             "seconds": round(time.perf_counter() - started, 1),
         }
+        if stage_record is not None:
+            outputs = {name: graph["sha256"] for name, graph in manifest.graphs.items()}
+            manifest.stages["optimize"].update(stage_record, outputs_sha256=outputs)
         manifest.save(artifacts_dir)
         return report
