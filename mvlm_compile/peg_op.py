@@ -34,10 +34,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
+from mvlm_compile import resources
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.onnx_io import load_model
 
-PEG_DIR = Path(__file__).resolve().parents[1] / "plugins" / "peg"
+PEG_DIR = resources.PEG_DIR  # the plugin's sources (CMake) and its contract
 CONTRACT_PATH = PEG_DIR / "peg_contract.json"
 BUILD_DIRS = (PEG_DIR / "build",)
 

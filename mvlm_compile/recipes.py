@@ -11,8 +11,8 @@ import yaml
 
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.model.config import MobileVLMConfig
+from mvlm_compile.resources import RECIPES_DIR
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TARGETS_FILE = RECIPES_DIR / "targets" / "targets.yaml"
 
 
