@@ -24,6 +24,11 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "mvlm-compile-artifacts"
 FORMAT_VERSION = 1
 GRAPH_KEYS = ("file", "sha256", "dtype", "inputs", "outputs")
+# The model record's integers the runtime and the build rely on.
+MODEL_INTS = (
+    "hidden_size", "mm_hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+    "max_context", "image_tokens", "image_token_index", "bos_token_id", "eos_token_id",
+)  # fmt: skip
 
 
 def graph_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -121,6 +126,9 @@ def load_manifest(directory: Path) -> Manifest:
     for key, value in parts.items():
         if not isinstance(value, dict):
             raise ArtifactError(f"{path}: corrupt, {key!r} is a {type(value).__name__}, expected an object")
+    bad = [k for k in MODEL_INTS if not isinstance(parts["model"].get(k), int) or isinstance(parts["model"][k], bool)]
+    if bad:
+        raise ArtifactError(f"{path}: corrupt, model record lacks integer {', '.join(bad)}")
     for name, graph in parts["graphs"].items():
         if not isinstance(graph, dict) or any(k not in graph for k in GRAPH_KEYS):
             raise ArtifactError(f"{path}: corrupt, graph {name!r} lacks some of {', '.join(GRAPH_KEYS)}")

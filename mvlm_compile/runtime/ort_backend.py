@@ -55,7 +55,11 @@ class OrtBackend:
         # A reader: no stage may rewrite the graphs under a running session.
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(directory_lock(self.artifacts, exclusive=False))
-        self.manifest = manifest or load_manifest(self.artifacts)
+        try:
+            self.manifest = manifest or load_manifest(self.artifacts)
+        except BaseException:
+            self._lock.close()
+            raise
         self._sessions: dict = {}
 
     def _session(self, graph: str):

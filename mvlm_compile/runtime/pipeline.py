@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from mvlm_compile import contract
-from mvlm_compile.errors import MvlmError
+from mvlm_compile.errors import ArtifactError, MvlmError
 from mvlm_compile.model.prompt import IMAGE_PLACEHOLDER, build_prompt, tokenize_with_image
 from mvlm_compile.runtime.backend import Backend
 
@@ -32,14 +33,25 @@ def decoder_feed(embeds: np.ndarray, past: list[np.ndarray]) -> dict[str, np.nda
     return feed
 
 
+def load_embed_table(path: Path, model: dict) -> np.ndarray:
+    """The token embedding table [vocab, hidden], memory-mapped; one-line errors for a bad file."""
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ArtifactError(f"{path}: not a readable embedding table (.npy without pickles: {e})") from None
+    expected = (int(model["vocab_size"]), int(model["hidden_size"]))
+    if not isinstance(table, np.ndarray) or table.shape != expected or table.dtype not in (np.float32, np.float16):
+        raise ArtifactError(f"{path}: embedding table {getattr(table, 'shape', '?')}, expected float {list(expected)}")
+    return table
+
+
 class Pipeline:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         model = backend.manifest.model
         self.num_layers = int(model["num_layers"])
         self.image_token_index = int(model["image_token_index"])
-        table_path = backend.manifest.file_path(backend.artifacts, "embed_tokens")
-        self.embed_table = np.load(table_path, mmap_mode="r", allow_pickle=False)
+        self.embed_table = load_embed_table(backend.manifest.file_path(backend.artifacts, "embed_tokens"), model)
         self.kv_dtype = backend.input_dtype("decoder", contract.past_names(0)[0])
 
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -135,7 +147,11 @@ class Chat:
 
         self.pipeline = pipeline
         manifest = pipeline.backend.manifest
-        self.tokenizer = Tokenizer.from_file(str(manifest.file_path(pipeline.backend.artifacts, "tokenizer")))
+        path = manifest.file_path(pipeline.backend.artifacts, "tokenizer")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise ArtifactError(f"{path}: not a readable tokenizer.json ({e})") from None
         self.bos = int(manifest.model["bos_token_id"])
         self.eos = int(manifest.model["eos_token_id"])
         self.context = int(manifest.model["max_context"])
