@@ -207,40 +207,27 @@ def _commit(
     """Move the staged graphs into `dest` and record the stage in its manifest (saved last).
     SIGINT/SIGTERM wait until the manifest matches the disk again."""
     with deferred_signals():
-        _move_and_record(src, dest, manifest, settings, staging, staged, report, stage_record)
-
-
-def _move_and_record(
-    src: Path,
-    dest: Path,
-    manifest: Manifest,
-    settings: QuantizeSettings,
-    staging: Path,
-    staged: _Staged,
-    report: QuantizeReport,
-    stage_record: dict,
-) -> None:
-    for name, file in staged.files.items():
-        replace_graph(dest, file, staging)
-        manifest.record_graph(dest, name, file, staged.graphs[name]["dtype"], *graph_io(dest / file))
-    manifest.stages["quantize"] = {
-        "decoder": settings.decoder,
-        "method": settings.method,
-        "group_size": settings.group_size,
-        "keep_fp16": list(settings.keep_fp16),
-        "settings": {**settings.to_json(), "scale": "amax / 7, codes in [-8, 7], symmetric, no zero point"},
-        "calibration": staged.calibration or "none (round-to-nearest)",
-        "graphs": staged.graphs,
-        "source": str(src.absolute()),
-        "seconds": staged.seconds,
-        "report": report.summary(),
-        **stage_record,
-    }
-    if stage_record:
-        manifest.stages["quantize"]["outputs_sha256"] = {
-            name: graph["sha256"] for name, graph in manifest.graphs.items()
+        for name, file in staged.files.items():
+            replace_graph(dest, file, staging)
+            manifest.record_graph(dest, name, file, staged.graphs[name]["dtype"], *graph_io(dest / file))
+        manifest.stages["quantize"] = {
+            "decoder": settings.decoder,
+            "method": settings.method,
+            "group_size": settings.group_size,
+            "keep_fp16": list(settings.keep_fp16),
+            "settings": {**settings.to_json(), "scale": "amax / 7, codes in [-8, 7], symmetric, no zero point"},
+            "calibration": staged.calibration or "none (round-to-nearest)",
+            "graphs": staged.graphs,
+            "source": str(src.absolute()),
+            "seconds": staged.seconds,
+            "report": report.summary(),
+            **stage_record,
         }
-    manifest.save(dest)
+        if stage_record:
+            manifest.stages["quantize"]["outputs_sha256"] = {
+                name: graph["sha256"] for name, graph in manifest.graphs.items()
+            }
+        manifest.save(dest)
 
 
 def _copy_unchanged(src: Path, dest: Path, manifest: Manifest, staged: _Staged) -> None:
