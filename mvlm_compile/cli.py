@@ -87,6 +87,17 @@ def _progress(stage: str):
     return lambda message: click.echo(f"[{stage}] {message}", err=True)
 
 
+def _check_report(report: Path | None, *inputs: Path) -> None:
+    """--report must be a file outside the command's inputs: a report never overwrites what it reports on."""
+    if report is None:
+        return
+    if report.is_dir():
+        raise MvlmError(f"--report {report}: is a directory; give a file name")
+    for source in inputs:
+        if report.resolve().is_relative_to(Path(source).resolve()):
+            raise MvlmError(f"--report {report}: is inside the input {source}; write it elsewhere")
+
+
 def _artifacts_of(path: Path) -> tuple[Path, Path]:
     """(bundle, artifacts) for ARTIFACTS: a bundle or a bare artifacts directory."""
     from mvlm_compile.bundle import resolve_artifacts
@@ -495,6 +506,7 @@ def verify(
     from mvlm_compile.verify.verifier import verify as run_verify
 
     _quiet_libraries()
+    _check_report(report, artifacts, golden)
     with _open_backend(backend, artifacts, engines) as runner:
         recipe_name = recipe or runner.manifest.model.get("recipe")
         tolerances = load_recipe(recipe_name).tolerances if recipe_name else None
@@ -607,6 +619,7 @@ def bench(
         if interactive:
             click.echo(f"\r[bench] {msg:<40}", nl=False, err=True)
 
+    _check_report(report, artifacts)
     results: dict[str, Any] = {"backend": backend, "prompt_tokens": prompt_tokens}
     with _open_backend(backend, artifacts, engines) as runner:
         results[backend] = bench_backend(Pipeline(runner), prompt_tokens, decode_steps, warmup, repeats, progress)

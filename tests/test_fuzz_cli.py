@@ -47,10 +47,10 @@ def _value(rng: random.Random, paths: list[Path]) -> str:
     return str(rng.choice(paths)) if rng.random() < 0.4 else rng.choice(pool)
 
 
-def _arguments(rng: random.Random, artifacts: Path, paths: list[Path]) -> list[str]:
-    image = str(GOLDEN_TINY / "image.png")
+def _arguments(rng: random.Random, artifacts: Path, golden: Path, paths: list[Path]) -> list[str]:
+    image = str(golden / "image.png")
     commands = {
-        "verify": [str(artifacts), "--golden", rng.choice([str(GOLDEN_TINY), _value(rng, paths)])],
+        "verify": [str(artifacts), "--golden", rng.choice([str(golden), _value(rng, paths)])],
         "run": [str(artifacts), "--image", rng.choice([image, _value(rng, paths)]), "--prompt", _value(rng, paths)],
         "bench": [str(artifacts), "--repeats", "1", "--warmup", "0", "--decode-steps", "1", "--prompt-tokens", "150"],
         "optimize": [str(artifacts)],
@@ -73,20 +73,25 @@ def _arguments(rng: random.Random, artifacts: Path, paths: list[Path]) -> list[s
     return [name, *args]
 
 
-def test_random_bad_inputs_end_in_a_documented_status(tiny_artifacts, tmp_path):
+def test_random_bad_inputs_end_in_a_documented_status(tiny_artifacts, tmp_path, monkeypatch):
     seed = int(os.environ.get("MVLM_FUZZ_SEED", time.time_ns() % 2**31))
     rng = random.Random(seed)
+    # Hermetic: relative paths land in tmp_path, and every path handed out is a copy, since a
+    # random run may write a report over any of them.
+    monkeypatch.chdir(tmp_path)
+    golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden")
+    repository = _snapshot(GOLDEN_TINY.parent.parent)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(rng.randbytes(4096))
     (tmp_path / "empty").mkdir()
-    paths = [junk, tmp_path / "empty", tmp_path / "missing", GOLDEN_TINY / "generation.json", Path("/")]
+    paths = [junk, tmp_path / "empty", tmp_path / "missing", golden / "generation.json", Path("/")]
     deadline = time.monotonic() + BUDGET_SECONDS
     runs = 0
     while time.monotonic() < deadline:
         work = tmp_path / f"case{runs}"
         artifacts = shutil.copytree(tiny_artifacts, work)
         damage = _corrupt(rng, artifacts) if rng.random() < 0.7 else "none"
-        args = _arguments(rng, artifacts, paths)
+        args = _arguments(rng, artifacts, golden, paths)
         result = CliRunner().invoke(cli, args)
         context = f"seed {seed}, run {runs}: damage {damage}, args {args}\n{result.output[-1500:]}"
         assert result.exit_code in ALLOWED, context
@@ -96,3 +101,16 @@ def test_random_bad_inputs_end_in_a_documented_status(tiny_artifacts, tmp_path):
         shutil.rmtree(work, ignore_errors=True)
         runs += 1
     assert runs >= 5  # the budget bought real runs
+    assert _snapshot(GOLDEN_TINY.parent.parent) == repository  # nothing outside tmp_path was written
+
+
+def _snapshot(repository: Path) -> dict[str, int]:
+    """Tracked-looking files of the repository (name -> mtime), build outputs aside."""
+    skip = {".git", ".venv", "build", ".pytest_cache", ".ruff_cache"}
+    return {
+        str(p.relative_to(repository)): p.stat().st_mtime_ns
+        for p in repository.rglob("*")
+        if p.is_file()
+        and not skip & set(p.relative_to(repository).parts)
+        and not any(part == "__pycache__" or part.endswith(".egg-info") for part in p.parts)
+    }

@@ -337,6 +337,15 @@ def test_bad_bench_options(tiny_artifacts, options, needle):
     _assert_input_error(_cli("bench", tiny_artifacts, *options), needle)
 
 
+def test_a_report_never_overwrites_an_input(tiny_artifacts, tmp_path):
+    golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden")
+    before = _snapshot(golden)
+    result = _cli("verify", tiny_artifacts, "--golden", golden, "--report", golden / "generation.json")
+    _assert_input_error(result, "inside the input")
+    _assert_input_error(_cli("verify", tiny_artifacts, "--golden", golden, "--report", tmp_path), "is a directory")
+    assert _snapshot(golden) == before
+
+
 def test_a_bench_report_in_a_missing_folder_is_one_line(tiny_artifacts, tmp_path):
     result = _cli(
         "bench",
