@@ -127,6 +127,12 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return parsed
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as `Type: message` on one line (library messages span lines and run long)."""
+    text = f"{type(e).__name__}: " + " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_readable(path: Path, what: str) -> None:
     """Say 'missing' or 'unreadable' before a parser reports either as a corrupt file."""
     try:
@@ -278,6 +284,14 @@ def _check_text_geometry(raw: dict[str, Any], path: Path) -> None:
         raise CheckpointError(
             f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
         )
+    # Optional LLaMA keys that change the numbers without changing any shape: a bad value would
+    # only show as NaN golden tensors or a failure deep inside transformers.
+    if raw.get("rope_theta") is not None:
+        _positive_number(raw["rope_theta"], "rope_theta", path)
+    if "hidden_act" in raw and not isinstance(raw["hidden_act"], str):
+        raise CheckpointError(f"{path}: hidden_act is {raw['hidden_act']!r}, expected an activation name")
+    if "tie_word_embeddings" in raw and not isinstance(raw["tie_word_embeddings"], bool):
+        raise CheckpointError(f"{path}: tie_word_embeddings is {raw['tie_word_embeddings']!r}, expected true or false")
 
 
 # Keys of config.json that are not LlamaConfig keys.

@@ -3,12 +3,16 @@
 Layout (see ../shared/model-facts.md): config.json, weights in safetensors (single or
 sharded with an index) or pytorch_model*.bin, tokenizer files. Vision weights come from the
 checkpoint (model.vision_tower.vision_tower.vision_model.*) when present, otherwise from a
-CLIP ViT-L/14-336 checkpoint directory (--vision-tower, or mm_vision_tower when local).
-Every tensor is checked by name and shape before anything is loaded.
+CLIP ViT-L/14-336 checkpoint directory (--vision-tower, or mm_vision_tower when local), whose
+keys may carry the `vision_model.` prefix or not (transformers 5's CLIPVisionModel). A local
+tower directory also gives the tower's geometry (its config.json) when the weights are embedded.
+Every tensor is checked by name, shape and dtype before anything is loaded, and for NaN/Inf
+as it is loaded; each problem is a one-line CheckpointError naming the tensor and its file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from mvlm_compile.model.config import (
     MobileVLMConfig,
     check_readable,
     load_mobilevlm_config,
+    one_line,
     read_json,
     validate_vision_config,
     vision_layers_used,
@@ -72,17 +77,12 @@ class WeightFile:
                         if name in names:
                             yield name, f.get_tensor(name)
             except (SafetensorError, OSError) as e:  # changed or truncated since it was scanned
-                raise CheckpointError(f"{self.path}: corrupt safetensors file ({_one_line(e)})") from None
+                raise CheckpointError(f"{self.path}: corrupt safetensors file ({one_line(e)})") from None
         else:
             state = _torch_load(self.path)
             for name in self.shapes:
                 if name in names:
                     yield name, state[name]
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -94,9 +94,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: never unpickle arbitrary objects from a checkpoint.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only PyTorch file ({type(e).__name__}: {_one_line(e)})"
-        ) from None
+        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch file ({one_line(e)})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -105,7 +103,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _scan(path: Path, listed_by: Path | None = None) -> WeightFile:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a looping or broken link is reported as unreadable
         where = f" (listed by {listed_by.name})" if listed_by else ""
         raise CheckpointError(f"{path}: weight file missing{where}")
     check_readable(path, "weight file")
@@ -116,7 +114,7 @@ def _scan(path: Path, listed_by: Path | None = None) -> WeightFile:
                 shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
                 dtypes = {k: _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()) for k, s in slices.items()}
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors file ({_one_line(e)})") from None
+            raise CheckpointError(f"{path}: corrupt safetensors file ({one_line(e)})") from None
     else:
         state = _torch_load(path)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -326,16 +324,14 @@ def load_checkpoint(
     files = find_weight_files(checkpoint_dir)
     vision = _vision_source(cfg, files, vision_tower)
 
-    try:
-        with no_init_weights():
-            model = MobileVLMReference(cfg, vision.config)
-    except (ValueError, TypeError, KeyError) as e:  # transformers' config checks
-        raise CheckpointError(f"{cfg.path}: cannot build the model from this config ({_one_line(e)})") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # The expected names and shapes come from a model on the meta device: a config that asks
+    # for absurd sizes is then a shape mismatch with the files, not a failed allocation.
+    skeleton = _build(cfg, vision.config, torch.device("meta"))
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
 
     plan: dict[str, tuple[WeightFile, str]] = {}
     unexpected, misshaped, wrong_dtype, duplicated = [], [], [], []
-    sources = list(_sources(files, vision, model.vision_prefix))
+    sources = list(_sources(files, vision, skeleton.vision_prefix))
     for f, key, model_key in sources:
         if model_key not in expected:
             unexpected.append(f"{key} ({f.path.name})")
@@ -356,7 +352,7 @@ def load_checkpoint(
         problems.append(
             _summarise(
                 "missing tensors",
-                [published_name(k, model.vision_prefix, clip_dir, vision.clip_prefix) for k in missing],
+                [published_name(k, skeleton.vision_prefix, clip_dir, vision.clip_prefix) for k in missing],
             )
         )
     if misshaped:
@@ -370,6 +366,7 @@ def load_checkpoint(
     if problems:
         raise CheckpointError(f"{checkpoint_dir}: " + "; ".join(problems))
 
+    model = _build(cfg, vision.config)  # sizes now match the files on disk
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, tuple[WeightFile, dict[str, str]]] = {}
     for model_key, (f, key) in plan.items():
@@ -380,6 +377,14 @@ def load_checkpoint(
     model.load_state_dict(state, strict=True, assign=True)
     model.to(dtype).eval()
     return LoadedCheckpoint(cfg, model, vision.description, [f.path for f in files + vision.files])
+
+
+def _build(cfg: MobileVLMConfig, vision_config: dict, device: torch.device | None = None) -> MobileVLMReference:
+    try:
+        with no_init_weights(), device or contextlib.nullcontext():
+            return MobileVLMReference(cfg, vision_config)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # transformers' config checks, allocation
+        raise CheckpointError(f"{cfg.path}: cannot build the model from this config ({one_line(e)})") from None
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
