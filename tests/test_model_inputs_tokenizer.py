@@ -12,6 +12,7 @@ normalisation, ids 0 <unk>, 1 <s>, 2 </s>).
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
@@ -262,3 +263,22 @@ def test_no_tokenizer_files(tiny_checkpoint, tmp_path):
     (ck / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"no tokenizer \(expected tokenizer\.model or tokenizer\.json\)"):
         load_tokenizer(ck)
+
+
+def test_a_damaged_tokenizer_model_is_always_a_checkpoint_error(tiny_checkpoint, sp_model, tmp_path):
+    """Truncated or bit-flipped copies of tokenizer.model (fixed seed, bounded): an input error or a model."""
+    ck = _sentencepiece_checkpoint(tiny_checkpoint, sp_model, tmp_path / "ck", MOBILEVLM_V2_TOKENIZER_CONFIG)
+    good = sp_model.read_bytes()
+    rng = random.Random(7)
+    refused = 0
+    for _ in range(120):
+        data = bytearray(good[: rng.randrange(1, len(good) + 1)] if rng.random() < 0.25 else good)
+        for _ in range(rng.randrange(1, 4)):  # a few flipped bytes still parse, into bad pieces
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        (ck / "tokenizer.model").write_bytes(bytes(data))
+        try:
+            load_tokenizer(ck)
+        except CheckpointError as e:
+            assert "\n" not in str(e) and str(e).startswith(f"{ck / 'tokenizer.model'}: ")
+            refused += 1
+    assert refused > 20  # many damaged copies are refused; any other exception fails the test

@@ -18,7 +18,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mvlm_compile.errors import CheckpointError
-from mvlm_compile.model.config import check_readable, read_json
+from mvlm_compile.model.config import check_readable, one_line, read_json
 from mvlm_compile.model.prompt import IMAGE_PLACEHOLDER, SYSTEM_V1, build_prompt
 
 # A fixed English corpus: the template text plus everyday descriptions of images.
@@ -203,7 +203,10 @@ def _check_against_sentencepiece(
     """The converted tokenizer must give SentencePiece's ids (plus BOS/EOS) on 'v1' prompt chunks."""
     import sentencepiece
 
-    processor = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    except Exception as e:  # SentencePiece refuses a damaged model with RuntimeError or OSError
+        raise CheckpointError(f"{path}: not a usable SentencePiece model ({one_line(e)})") from None
     bos = [tokenizer.bos_token_id] if add_bos else []
     eos = [tokenizer.eos_token_id] if add_eos else []
     for question in _PROBE_QUESTIONS:
@@ -218,6 +221,9 @@ def _check_against_sentencepiece(
 
 
 def _special_id(tokenizer: Tokenizer, content: str, what: str, path: Path) -> int:
+    # tokenizers' templates read "$..." as a sequence and ":" as a type id separator.
+    if not content or content.startswith("$") or ":" in content or content != "".join(content.split()):
+        raise CheckpointError(f"{path}: unsupported {what} token {content!r}")
     token_id = tokenizer.token_to_id(content)
     if token_id is None:
         raise CheckpointError(f"{path}: the {what} token {content!r} is not in the vocabulary")
@@ -248,20 +254,25 @@ def load_tokenizer(checkpoint_dir: Path) -> CheckpointTokenizer:
     if model_path.exists() or model_path.is_symlink():  # a broken link is reported, not skipped
         source = model_path
         proto = _read_sentencepiece(model_path)
-        backend = _bpe_from_sentencepiece(model_path, proto)
-        _sentencepiece_pipeline(backend, proto, legacy, add_prefix_space)
-        # The authors' tokenizer splits its special tokens out of the text before SentencePiece sees it.
-        control = [p.piece for p in proto.pieces if p.type == p.CONTROL]
-        vocab = backend.get_vocab()
-        specials = [t for t in dict.fromkeys([unk, bos, eos, *control]) if t in vocab]
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        try:
+            backend = _bpe_from_sentencepiece(model_path, proto)
+            _sentencepiece_pipeline(backend, proto, legacy, add_prefix_space)
+            # The authors' tokenizer splits its special tokens out of the text before SentencePiece sees it.
+            control = [p.piece for p in proto.pieces if p.type == p.CONTROL]
+            vocab = backend.get_vocab()
+            specials = [t for t in dict.fromkeys([unk, bos, eos, *control]) if t in vocab]
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged model that still parses: tokenizers/protobuf raise many types
+            raise CheckpointError(f"{model_path}: not a usable SentencePiece model ({one_line(e)})") from None
     elif json_path.exists() or json_path.is_symlink():
         source = json_path
         check_readable(json_path, "tokenizer")
         try:
             backend = Tokenizer.from_file(str(json_path))
         except Exception as e:  # tokenizers raises its own exception type for bad files
-            raise CheckpointError(f"{json_path}: not a valid tokenizer.json ({' '.join(str(e).split())})") from None
+            raise CheckpointError(f"{json_path}: not a valid tokenizer.json ({one_line(e)})") from None
     else:
         raise CheckpointError(f"{checkpoint_dir}: no tokenizer (expected tokenizer.model or tokenizer.json)")
 
@@ -270,9 +281,12 @@ def load_tokenizer(checkpoint_dir: Path) -> CheckpointTokenizer:
     # BOS/EOS as LlamaTokenizer's add_bos_token/add_eos_token say, whatever tokenizer.json carried.
     single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
     pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
-    backend.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(bos, bos_id), (eos, eos_id)]
-    )
+    try:
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(bos, bos_id), (eos, eos_id)]
+        )
+    except Exception as e:  # a special token that a template cannot name (tokenizers' own exception)
+        raise CheckpointError(f"{config_path}: unusable BOS/EOS tokens {bos!r}/{eos!r} ({one_line(e)})") from None
     tokenizer = CheckpointTokenizer(backend, bos_id, eos_id, source)
     if proto is not None:
         _check_against_sentencepiece(source, proto, tokenizer, add_bos, add_eos)
