@@ -159,3 +159,27 @@ def test_an_ordinary_image_still_loads(tmp_path):
     image = load_image(path)
     assert image.size == (40, 30)
     assert preprocess_image(image).shape == (1, 3, 336, 336)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF"])
+def test_damaged_images_are_always_input_errors(tmp_path, fmt):
+    """Truncated or bit-flipped small images (fixed seed, bounded): decoded, or refused in one line."""
+    import io
+    import random
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)).convert(
+        "P" if fmt == "GIF" else "RGB"
+    ).save(buffer, fmt)
+    good = buffer.getvalue()
+    rng = random.Random(3)
+    path = tmp_path / "damaged"
+    for _ in range(60):
+        data = bytearray(good[: rng.randrange(1, len(good) + 1)] if rng.random() < 0.5 else good)
+        for _ in range(rng.randrange(0, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+        try:
+            assert preprocess_image(load_image(path)).shape == (1, 3, 336, 336)
+        except MvlmError as e:
+            assert "\n" not in str(e) and str(e).startswith(f"{path}: ")
