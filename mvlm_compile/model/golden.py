@@ -80,7 +80,7 @@ def write_golden(
     image_embeds = model.project(image_features)
 
     prompt = build_prompt(question)
-    input_ids = tokenize_with_image(prompt, lambda text: tokenizer(text).input_ids, tokenizer.bos_token_id)
+    input_ids = tokenize_with_image(prompt, tokenizer.encode, tokenizer.bos_token_id)
     inputs_embeds = model.splice_image(input_ids, image_embeds)
     seq = inputs_embeds.shape[1]
     if seq + max_new_tokens > cfg.max_context:

@@ -3,10 +3,19 @@
 'pad' aspect ratio: expand to a square filled with the CLIP mean colour, then the CLIP
 image processor: resize the shortest side to 336 (bicubic), centre crop 336x336,
 rescale by 1/255, normalise with CLIP's mean/std. Output float32 [1, 3, 336, 336].
+
+Size limit: the 'pad' step allocates the longest side squared, so an image is refused when
+that padded square exceeds MAX_IMAGE_PIXELS (50 megapixels: any side longer than 7071
+pixels), judged from the file's header before anything is decoded. A small file that
+declares 40000x1 pixels, or a decompression bomb, is an input error, not an out-of-memory.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +26,7 @@ from mvlm_compile.errors import MvlmError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 336
+MAX_IMAGE_PIXELS = 50_000_000  # of the padded square: about 150 MB as 8-bit RGB
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -46,9 +56,31 @@ def _center_crop(array: np.ndarray, size: int) -> np.ndarray:
     return array[top : top + size, left : left + size]
 
 
+def check_image_size(width: int, height: int, what: str = "image") -> None:
+    """Refuse an image whose padded square would exceed MAX_IMAGE_PIXELS (or that has no pixels)."""
+    if width <= 0 or height <= 0:
+        raise MvlmError(f"{what}: {width}x{height} pixels, an empty image")
+    side = max(width, height)
+    if side * side <= MAX_IMAGE_PIXELS:
+        return
+    limit = f"the limit is {MAX_IMAGE_PIXELS / 1e6:g} megapixels"
+    if width * height > MAX_IMAGE_PIXELS:
+        raise MvlmError(
+            f"{what}: {width}x{height} pixels ({width * height / 1e6:.1f} megapixels) is too large; {limit}"
+        )
+    raise MvlmError(
+        f"{what}: {width}x{height} pixels is padded to a {side}x{side} square ({side * side / 1e6:.1f} megapixels); "
+        f"{limit} for the square (longest side at most {math.isqrt(MAX_IMAGE_PIXELS)} pixels)"
+    )
+
+
 def preprocess_image(image: Image.Image, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """PIL image -> pixel_values float32 [1, 3, image_size, image_size]."""
-    rgb = image.convert("RGB")
+    check_image_size(*image.size)
+    try:
+        rgb = image.convert("RGB")
+    except (ValueError, OSError) as e:  # modes Pillow cannot turn into RGB
+        raise MvlmError(f"image mode {image.mode!r} cannot be converted to RGB ({e})") from None
     fill = tuple(int(m * 255) for m in CLIP_MEAN)
     square = expand_to_square(rgb, fill)  # type: ignore[arg-type]
     resized = _resize_shortest_edge(square, image_size)
@@ -58,14 +90,38 @@ def preprocess_image(image: Image.Image, image_size: int = IMAGE_SIZE) -> np.nda
 
 
 def load_image(path: Path) -> Image.Image:
+    """Decode an image file, once its header shows that pre-processing stays within MAX_IMAGE_PIXELS."""
+    path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        info = os.stat(path)
     except FileNotFoundError:
         raise MvlmError(f"{path}: image file not found") from None
-    except (OSError, ValueError) as e:
-        raise MvlmError(f"{path}: not a readable image ({e})") from None
+    except OSError as e:  # permission denied on a folder, a symlink loop...
+        raise MvlmError(f"{path}: unreadable image file ({e.strerror or e})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise MvlmError(f"{path}: a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):  # reading a FIFO or a device could block or never end
+        raise MvlmError(f"{path}: not a regular file, not an image file")
+    if info.st_size == 0:
+        raise MvlmError(f"{path}: empty file (0 bytes), not an image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns, then raises, at its own higher pixel limit: make both errors here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                check_image_size(*image.size, what=str(path))
+                image.load()
+                return image.copy()
+    except MvlmError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MvlmError(f"{path}: refused as a decompression bomb ({e})") from None
+    except PermissionError as e:
+        raise MvlmError(f"{path}: unreadable image file ({e.strerror or e})") from None
+    except Image.UnidentifiedImageError:
+        raise MvlmError(f"{path}: not an image file (unknown format)") from None
+    except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, EOFError... on broken files
+        raise MvlmError(f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def golden_image() -> Image.Image:
