@@ -18,7 +18,7 @@ import numpy as np
 
 from mvlm_compile import __version__
 from mvlm_compile.errors import ArtifactError
-from mvlm_compile.fileio import sha256_file, write_json
+from mvlm_compile.fileio import sha256_graph, write_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "mvlm-compile-artifacts"
@@ -52,8 +52,8 @@ class Manifest:
         return Path(directory) / self.graphs[name]["file"]
 
     def graph_hashes(self, directory: Path) -> dict[str, str]:
-        """SHA-256 of every graph file as it is on disk now."""
-        return {name: sha256_file(self.graph_path(directory, name)) for name in self.graphs}
+        """SHA-256 of every graph as it is on disk now, external weights (<graph>.onnx.data) included."""
+        return {name: sha256_graph(self.graph_path(directory, name)) for name in self.graphs}
 
     def input_dtype(self, graph: str, name: str) -> type:
         """NumPy type of a graph input, as recorded when the graph was written (no session needed)."""
@@ -65,7 +65,7 @@ class Manifest:
     def record_graph(self, directory: Path, name: str, file: str, dtype: str, inputs: list, outputs: list) -> None:
         self.graphs[name] = {
             "file": file,
-            "sha256": sha256_file(Path(directory) / file),
+            "sha256": sha256_graph(Path(directory) / file),
             "dtype": dtype,
             "inputs": inputs,
             "outputs": outputs,
