@@ -201,6 +201,47 @@ def _wrap_fp16_nodes(model: onnx.ModelProto) -> None:
         graph.initializer.remove(tensor)
 
 
+def peg_to_native(model: onnx.ModelProto) -> int:
+    """Rewrite every MvlmPEG node as the ops it stands for, in place: y = x + Conv(x, weight, bias)
+    with group = C, 3x3, stride 1, padding 1 (a native depthwise Conv, what the export had before
+    the plugin pass). Weights keep their dtype, so an FP16 projector stays FP16. For builders that
+    cannot load the plugin library (TensorRT-RTX in CI: no TensorRT headers to build it). Returns
+    the number of nodes rewritten."""
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    count = 0
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
+        if node.domain != PEG_DOMAIN or node.op_type != PEG_OP:
+            continue
+        weight = initializers.get(node.input[1])
+        if weight is None or len(weight.dims) != 4 or list(weight.dims[1:]) != [1, 3, 3]:
+            raise MvlmError(f"{node.name}: {PEG_OP} weight must be a constant [C, 1, 3, 3] initializer")
+        conv_out = f"{node.name}/depthwise_conv"
+        replacement = [
+            helper.make_node(
+                "Conv",
+                list(node.input[:3]),
+                [conv_out],
+                name=f"{node.name}/Conv",
+                group=int(weight.dims[0]),
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                strides=[1, 1],
+            ),
+            helper.make_node("Add", [node.input[0], conv_out], [node.output[0]], name=f"{node.name}/Add"),
+        ]
+        graph.node.remove(node)
+        for offset, new in enumerate(replacement):
+            graph.node.insert(index + offset, new)
+        count += 1
+    if count and not any(n.domain == PEG_DOMAIN for n in graph.node):
+        kept = [o for o in model.opset_import if o.domain != PEG_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    return count
+
+
 def ort_model_source(path: Path, options) -> str | bytes:
     """What to hand onnxruntime.InferenceSession for `path`: the path itself, unless the graph has
     nodes in the PEG domain; then the extensions library is registered on `options`, and an FP16

@@ -56,6 +56,8 @@ def bench_backend(
     pipeline: Pipeline, prompt_tokens: int, decode_steps: int, warmup: int, repeats: int, progress: Progress
 ) -> dict:
     """Vision, projector, prefill of `prompt_tokens` (image included) and `decode_steps` decode steps."""
+    # The decode steps (warm-up ones too) grow one cache past the prompt: all must fit the backend.
+    pipeline.backend.limits.check(prompt_tokens, warmup + decode_steps, "--prompt-tokens", "--warmup + --decode-steps")
     manifest = pipeline.backend.manifest.model
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((1, 3, 336, 336)).astype(np.float32)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mvlm_compile.manifest import Manifest, load_manifest
+from mvlm_compile.engines_record import TokenLimits
+from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -47,6 +48,9 @@ class OrtBackend:
     def __init__(self, artifacts: Path, manifest: Manifest | None = None) -> None:
         self.artifacts = Path(artifacts)
         self.manifest = manifest or load_manifest(self.artifacts)
+        context = int(self.manifest.model["max_context"])
+        # No profiles here: one prefill may take the whole context.
+        self.limits = TokenLimits(context, context, f"the model's context in {self.artifacts / MANIFEST_NAME}")
         self._sessions: dict = {}
 
     def _session(self, graph: str):

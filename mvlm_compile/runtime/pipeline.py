@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from mvlm_compile import contract
-from mvlm_compile.errors import MvlmError
 from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
 from mvlm_compile.runtime.backend import Backend
 
@@ -110,7 +109,6 @@ class Chat:
         self.tokenizer = Tokenizer.from_file(str(pipeline.backend.artifacts / manifest.files["tokenizer"]))
         self.bos = int(manifest.model["bos_token_id"])
         self.eos = int(manifest.model["eos_token_id"])
-        self.context = int(manifest.model["max_context"])
 
     def prompt_ids(self, question: str) -> list[int]:
         return tokenize_with_image(build_prompt(question), lambda text: self.tokenizer.encode(text).ids, self.bos)
@@ -127,11 +125,8 @@ class Chat:
         """Answer text; stops at EOS, a stop string or max_new_tokens; `on_text` gets each new piece."""
         ids = self.prompt_ids(question)
         prompt_tokens = len(ids) - 1 + int(self.pipeline.backend.manifest.model["image_tokens"])
-        if prompt_tokens + max_new_tokens > self.context:
-            raise MvlmError(
-                f"--prompt: {prompt_tokens} prompt tokens (with the image) + --max-new-tokens {max_new_tokens} "
-                f"exceed the context of {self.context}"
-            )
+        # The backend's limits: an engine's profiles may be tighter than the model's context.
+        self.pipeline.backend.limits.check(prompt_tokens, max_new_tokens)
         rng = np.random.default_rng(sampling.seed)
         logits, past = self.pipeline.step(
             self.pipeline.splice(ids, self.pipeline.image_embeds(pixel_values)), self.pipeline.empty_cache()
