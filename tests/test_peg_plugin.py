@@ -5,7 +5,7 @@ What runs where:
     Hopper (sm_90) and its argument checks through ctypes (they return before touching a GPU);
   - with TensorRT headers (TENSORRT_ROOT or the system paths): the plugin compiled with
     -Wall -Wextra -Werror and linked with the kernel into libmvlm_peg_plugin.so;
-  - with the `tensorrt` Python module: that library registered through load_library;
+  - with the `tensorrt` or TensorRT-RTX Python module: that library registered through load_library;
   - with a CUDA GPU and torch CUDA: the kernel against torch's conv2d.
 """
 
@@ -22,7 +22,7 @@ import pytest
 
 from mvlm_compile import peg_op as plugin
 from mvlm_compile.peg_op import PEG_CONTRACT, PluginLibraryError
-from mvlm_compile.trt_env import load_plugin_library
+from mvlm_compile.trt_env import TENSORRT, TENSORRT_RTX, import_flavour, load_plugin_library
 
 PEG_DIR = plugin.PEG_DIR
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
@@ -199,8 +199,11 @@ def test_plugin_compiles_against_tensorrt_headers(plugin_build):
     assert hasattr(lib, "setLoggerFinder")
 
 
-def test_plugin_registers_with_tensorrt(plugin_build):
-    trt = pytest.importorskip("tensorrt", reason="the tensorrt Python module is not installed")
+@pytest.mark.parametrize("flavour", [TENSORRT, TENSORRT_RTX], ids=lambda f: f.name)
+def test_plugin_registers_with_tensorrt(plugin_build, flavour):
+    trt, why = import_flavour(flavour)
+    if trt is None:
+        pytest.skip(why)
     creator = load_plugin_library(plugin_build / plugin.PLUGIN_LIBRARY, trt)
     assert (creator.name, creator.plugin_version, creator.plugin_namespace) == (
         PEG_CONTRACT["op_type"],
