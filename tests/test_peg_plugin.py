@@ -166,6 +166,19 @@ def test_find_plugin_library_order(tmp_path, monkeypatch):
         plugin.find_plugin_library([artifacts])
 
 
+def test_cmake_takes_nvcc_from_usr_local_cuda_when_it_is_not_on_path(tmp_path):
+    """As on JetPack, where /usr/local/cuda/bin is not on PATH: configuring must still find nvcc."""
+    jetpack_nvcc = Path("/usr/local/cuda/bin/nvcc")
+    cmake = shutil.which("cmake")
+    if cmake is None or not jetpack_nvcc.is_file():
+        pytest.skip(f"needs cmake and {jetpack_nvcc}")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_PATH")}
+    env["PATH"] = os.pathsep.join(d for d in ("/usr/bin", "/bin") if not (Path(d) / "nvcc").exists())
+    done = subprocess.run([cmake, "-S", str(PEG_DIR), "-B", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"CMAKE_CUDA_COMPILER:STRING={jetpack_nvcc}" in (tmp_path / "CMakeCache.txt").read_text()
+
+
 def test_kernel_compiles_for_orin_and_hopper(kernel_build):
     assert _cuda_elf_archs(kernel_build / "pegKernel.o") == list(KERNEL_ARCHS)
     lib = plugin.load_kernel_library(kernel_build / plugin.KERNEL_LIBRARY)
