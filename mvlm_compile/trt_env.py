@@ -40,6 +40,9 @@ class Flavour:
     # projector with PEG as a native depthwise Conv when no plugin library is at hand (CI: no
     # registry ships TensorRT's headers, which the plugin needs).
     peg_plugin_required: bool
+    # The TensorRT backend runs engines through Polygraphy's TrtRunner, which drives the `tensorrt`
+    # module; TensorRT-RTX engines wait for the execute_async_v3 backend (issue 15).
+    runs_in_backend: bool
 
 
 TENSORRT = Flavour(
@@ -51,6 +54,7 @@ TENSORRT = Flavour(
     sms=(),
     timing_cache=True,
     peg_plugin_required=True,
+    runs_in_backend=True,
 )
 TENSORRT_RTX = Flavour(
     name="tensorrt-rtx",
@@ -61,14 +65,9 @@ TENSORRT_RTX = Flavour(
     sms=(75, 80, 86, 89, 120, 121),  # trt.ComputeCapability of TensorRT-RTX 1.7: no SM87 (Orin), no SM90
     timing_cache=False,
     peg_plugin_required=False,
+    runs_in_backend=False,
 )
 FLAVOURS = {f.name: f for f in (TENSORRT, TENSORRT_RTX)}
-
-
-def flavour_named(name: str) -> Flavour:
-    if name not in FLAVOURS:
-        raise MvlmError(f"unknown TensorRT builder {name!r}; known: {', '.join(FLAVOURS)}")
-    return FLAVOURS[name]
 
 
 def sm_text(sm: int) -> str:

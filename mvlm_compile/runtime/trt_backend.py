@@ -30,7 +30,7 @@ from mvlm_compile.engines_record import (
 from mvlm_compile.errors import InternalError, MvlmError
 from mvlm_compile.manifest import Manifest, load_manifest
 from mvlm_compile.peg_op import find_plugin_library
-from mvlm_compile.trt_env import FLAVOURS, TENSORRT, import_flavour, load_plugin_library, query_gpu
+from mvlm_compile.trt_env import FLAVOURS, import_flavour, load_plugin_library, query_gpu
 
 ADDRESS_ALIGNMENT = 256  # TensorRT's minimum alignment of an I/O tensor address
 
@@ -80,9 +80,7 @@ class TrtBackend:
         self.record = check_engines_record(
             engines_dir, flavour.name, trt.__version__, gpu and gpu.name, gpu and gpu.sm, plugin
         )
-        if flavour is not TENSORRT:
-            # Polygraphy's runner drives the `tensorrt` module; TensorRT-RTX engines wait for the
-            # direct execute_async_v3 backend (issue 15). Reached only on a matching RTX GPU.
+        if not flavour.runs_in_backend:  # reached only on a GPU these engines match
             raise MvlmError(f"--backend trt: running {flavour.name} engines is not supported yet ({engines_dir})")
         self.limits: TokenLimits = decoder_limits(self.record, Path(engines_dir))
         self._empty = cuda.DeviceArray.raw((ADDRESS_ALIGNMENT,))  # cudaMalloc: 256-byte aligned, never null
