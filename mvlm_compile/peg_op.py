@@ -14,6 +14,10 @@ registered, and for ONNX Runtime an FP16 graph's MvlmPEG nodes are wrapped in me
 Cast(float32) -> MvlmPEG(float32 weights) -> Cast(float16). The graph on disk keeps its FP16
 node, which is what TensorRT's plugin gets.
 
+Native form: `peg_to_native` rewrites MvlmPEG nodes back into the depthwise Conv + Add they stand
+for, for builders without the plugin library (TensorRT-RTX in CI, where no TensorRT headers exist
+to build it).
+
 Native libraries (built by `cmake -S plugins/peg -B plugins/peg/build && cmake --build plugins/peg/build`):
   libmvlm_peg_plugin.so  TensorRT plugin, registered by mvlm_compile.trt_env.load_plugin_library
   libmvlm_peg_kernel.so  the kernel alone behind a C function, for tests and benchmarks (no TensorRT)

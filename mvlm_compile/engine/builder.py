@@ -79,7 +79,7 @@ class BuildLog:
 
             def log(self, severity: Any, message: str) -> None:
                 if severity <= trt.ILogger.Severity.ERROR:
-                    errors.append(message)
+                    errors.append(" ".join(message.split()))  # one line in our messages
                 if severity <= trt.ILogger.Severity.WARNING:
                     print(f"[{trt.__name__}] {message}", file=sys.stderr)
 
@@ -99,7 +99,9 @@ def parse_onnx(trt: ModuleType, log: BuildLog, path: Path) -> tuple[Any, Any, An
     ok = parser.parse_from_file(str(path))  # reads <graph>.onnx.data beside it
     if not ok or parser.num_errors:
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        where = "; ".join(f"node {e.node_name() or e.node()!r} ({e.node_operator()}): {e.desc()}" for e in errors)
+        where = "; ".join(
+            f"node {e.node_name() or e.node()!r} ({e.node_operator()}): {' '.join(e.desc().split())}" for e in errors
+        )
         raise EngineBuildError(f"{path}: TensorRT's ONNX parser failed at {where or 'no node (see the log above)'}")
     return builder, network, parser
 
@@ -243,6 +245,16 @@ def engine_commands(
     return {"polygraphy": prefix + shlex.join(polygraphy), "trtexec": shlex.join(cli)}
 
 
+def _check_io(path: Path, built: BuiltEngine, graph: dict[str, Any]) -> None:
+    """The network TensorRT parsed has the inputs and outputs the manifest promises the runtime."""
+    expected = ([i["name"] for i in graph["inputs"]], [o["name"] for o in graph["outputs"]])
+    if (built.network_inputs, built.network_outputs) != expected:
+        raise EngineBuildError(
+            f"{path}: TensorRT's network has inputs {built.network_inputs} and outputs {built.network_outputs}, "
+            f"the manifest {expected[0]} and {expected[1]}"
+        )
+
+
 def native_projector(source: Path, engines_dir: Path) -> Path:
     """The projector with its MvlmPEG node rewritten as a native depthwise Conv + Add, saved in
     the engines directory (what the engine is built from, and what its command lines name)."""
@@ -308,6 +320,7 @@ def build_engines(
             onnx_path = native_projector(onnx_path, engines_dir)
         spec = EngineSpec(name, onnx_path, profiles[name], plan.workspace, target.sm)
         built = build_serialized_engine(trt, flavour, spec, timing_cache, progress)
+        _check_io(spec.onnx_path, built, manifest.graphs[name])
         file = f"{name}.engine"
         write_bytes(engines_dir / file, built.data)
         engines[name] = {
