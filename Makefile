@@ -1,6 +1,7 @@
 # Two set-up commands on a fresh machine: `make demo` and `make test`.
 # Installs into .venv with constraints/ci.txt (torch 2.13.0 = the CPU wheel; an unpinned
 # torch would pull a multi-GB CUDA build). Users installing the package are not pinned.
+# The [rtx] extra is TensorRT for RTX: the suite builds real engines with it, no GPU needed.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,12 +10,13 @@ STAMP := $(VENV)/.mvlm-compile-installed
 DEMO_DIR ?= build/demo
 DEMO_TARGET ?= orin-agx-64gb
 BENCH_DIR ?= build/bench
+TINY_BUNDLE := tests/data/tiny-bundle
 
-.PHONY: demo test lint-fix bench plugin golden clean
+.PHONY: demo test lint-fix bench plugin golden tiny-bundle clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx]'
 	touch $@
 
 # The main job on the embedded tiny model: build for an Orin (here the engines are deferred to
@@ -53,6 +55,18 @@ bench: $(STAMP)
 golden: $(STAMP)
 	$(BIN)/mvlm-compile synth --preset tiny --seed 0 --out build/golden-tiny-checkpoint
 	$(BIN)/mvlm-compile golden --checkpoint build/golden-tiny-checkpoint --out golden/tiny
+
+# Regenerate the committed tiny bundle (its artifacts; its golden tensors are golden/tiny) after a
+# deliberate change to export, optimize or quantize: tests/test_build_pipeline.py says when. Made
+# in a scratch directory with relative paths, so that its manifest names no machine's directories.
+tiny-bundle: $(STAMP)
+	rm -rf build/tiny-bundle && mkdir -p build/tiny-bundle
+	cd build/tiny-bundle && $(abspath $(BIN))/mvlm-compile synth --preset tiny --seed 0 --out checkpoint
+	cd build/tiny-bundle && { status=0; $(abspath $(BIN))/mvlm-compile build checkpoint --target orin-nx-16gb \
+	  --out bundle || status=$$?; test $$status -eq 0 -o $$status -eq 3; }
+	rm -rf $(TINY_BUNDLE) && mkdir -p $(TINY_BUNDLE)
+	cp -r build/tiny-bundle/bundle/artifacts build/tiny-bundle/bundle/recipe.yaml $(TINY_BUNDLE)/
+	sed -i 's#$(abspath build/tiny-bundle)/##' $(TINY_BUNDLE)/artifacts/manifest.json  # quantize records its source
 
 plugin:
 	cmake -S plugins/peg -B plugins/peg/build && cmake --build plugins/peg/build -j

@@ -36,9 +36,9 @@ from mvlm_compile.fileio import (
     write_marker,
 )
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest, keep_reference, load_manifest
-from mvlm_compile.peg_op import PEG_DIR, find_plugin_library
+from mvlm_compile.peg_op import PEG_DIR, PluginLibraryError, find_plugin_library
 from mvlm_compile.recipes import Recipe, Target, load_recipe, load_target
-from mvlm_compile.trt_env import import_tensorrt, query_gpu
+from mvlm_compile.trt_env import Flavour, import_flavour, query_gpu
 
 ARTIFACTS_DIR = "artifacts"
 GOLDEN_DIR = "golden"
@@ -183,11 +183,15 @@ def _graph_stage(
 
 
 def _target_commands(target: Target, bundle: Path) -> list[str]:
-    """What to run on the target, standing in the directory that holds the copied bundle."""
+    """What to run on the target (TensorRT-RTX: on any x86-64 Linux host), standing in the
+    directory that holds the copied bundle. The build command is always the second."""
     name = bundle.name
+    build = f"mvlm-compile build {name} --target {target.name}"
+    if target.flavour.ahead_of_time:  # the plugin is optional there, and verifying needs the RTX GPU
+        return ["pip install 'mvlm-compile[rtx]'", build]
     return [
         f"cmake -S {name}/plugins/peg -B {name}/plugins/peg/build && cmake --build {name}/plugins/peg/build -j",
-        f"mvlm-compile build {name} --target {target.name}",
+        build,
         f"mvlm-compile verify {name} --golden {name}/{GOLDEN_DIR} --backend trt",
     ]
 
@@ -219,12 +223,17 @@ def _write_bundle_record(
             "engines_deferred_because": reason,
         },
     )
+    where = (
+        "On any x86-64 Linux machine (TensorRT for RTX builds ahead of time: no GPU needed),\n"
+        if target.flavour.ahead_of_time
+        else "On the target (JetPack 6.1/6.2: TensorRT 10.3 from the system packages; CUDA in /usr/local/cuda),\n"
+    )
     write_bytes(
         bundle / BUNDLE_NOTE,
         (
             f"Engines for {target.name} (SM {target.sm}) were not built where this bundle was made:\n  {reason}\n\n"
-            "On the target (JetPack 6.1/6.2: TensorRT 10.3 from the system packages; CUDA in /usr/local/cuda),\n"
-            f"with mvlm-compile installed, in the directory that holds {bundle.name}/:\n"
+            + where
+            + f"with mvlm-compile installed, in the directory that holds {bundle.name}/:\n"
             + "".join(f"  {c}\n" for c in commands)
         ).encode(),
     )
@@ -314,12 +323,14 @@ def _build_locked(
         progress,
     )
 
-    trt, why = import_tensorrt()
-    gpu = query_gpu() if trt is not None else None
-    if trt is not None and gpu is None:
-        why = "no CUDA GPU is visible"
-    elif gpu is not None and gpu.sm != target.sm:
-        why = f"this GPU ({gpu.name}, SM {gpu.sm}) is not the target's (SM {target.sm}): engines are not portable"
+    flavour = target.flavour
+    trt, why = import_flavour(flavour)
+    gpu = query_gpu() if trt is not None and not flavour.ahead_of_time else None
+    if trt is not None and not flavour.ahead_of_time:  # TensorRT builds for the GPU it runs on
+        if gpu is None:
+            why = "no CUDA GPU is visible"
+        elif gpu.sm != target.sm:
+            why = f"this GPU ({gpu.name}, SM {gpu.sm}) is not the target's (SM {target.sm}): engines are not portable"
     if why:
         command = _write_bundle_record(bundle, recipe, target, plan, settings, why)
         return BuildResult(bundle, plan, settings, deferred_reason=why, target_command=command, stages=stages)
@@ -327,8 +338,19 @@ def _build_locked(
     from mvlm_compile.engine.builder import build_engines
 
     engines_dir = engines_dir_for(bundle, target.name)
-    plugin = find_plugin_library([bundle / "plugins" / "peg" / "build"])
+    plugin = _plugin_library(flavour, bundle)
     stages["engines"] = build_engines(
-        trt, gpu, artifacts, engines_dir, plugin, target, geometry, settings, plan, force, progress
+        trt, flavour, gpu, artifacts, engines_dir, plugin, target, geometry, settings, plan, force, progress
     )
     return BuildResult(bundle, plan, settings, engines_dir=engines_dir, stages=stages)
+
+
+def _plugin_library(flavour: Flavour, bundle: Path) -> Path | None:
+    """The PEG plugin library; None (the projector's PEG built as a native Conv) where the
+    flavour allows that and no library was built."""
+    try:
+        return find_plugin_library([bundle / "plugins" / "peg" / "build"])
+    except PluginLibraryError:
+        if flavour.peg_plugin_required:
+            raise
+        return None

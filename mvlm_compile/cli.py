@@ -438,7 +438,8 @@ def build(
             f"engines not built here: {result.deferred_reason}\n"
             f"bundle ready: {result.bundle}; copy it to the target and run:\n  {result.target_command}"
         )
-    click.echo(f"engines in {result.engines_dir}")
+    if not as_json:  # stdout is the JSON document alone
+        click.echo(f"engines in {result.engines_dir}")
 
 
 def _backend_options(fn):

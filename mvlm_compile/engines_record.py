@@ -1,31 +1,36 @@
-"""engines.json: what was built, from what, for which TensorRT, GPU and plugin (torch-free).
+"""engines.json: what was built, from what, by which TensorRT builder, for which GPU and plugin (torch-free).
 
 Written by the engine stage (mvlm_compile.engine), read by the TensorRT backend before it loads
-an engine: engines are not portable between TensorRT versions, GPUs or plugin builds, so a
-mismatch is refused with the reason rather than failing inside TensorRT.
+an engine: engines are not portable between builder flavours (TensorRT, TensorRT-RTX), their
+versions, compute capabilities or plugin builds, so a mismatch is refused with the reason rather
+than failing inside TensorRT. The decoder's optimisation profiles recorded here are also the
+prompt and context limits the runtime enforces (`decoder_limits`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvlm_compile import __version__
-from mvlm_compile.errors import ArtifactError
+from mvlm_compile import __version__, contract
+from mvlm_compile.errors import ArtifactError, MvlmError
 from mvlm_compile.fileio import read_json_object, safe_join, sha256_file, write_json
 
 ENGINES_MANIFEST = "engines.json"
 KIND = "mvlm-compile engines"
 # The decoder engine's optimisation profiles, in this order (mvlm_compile.engine.plan builds them).
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
+# How the projector's PEG op was built: as the MvlmPEG plugin, or as a native depthwise Conv.
+PEG_PLUGIN, PEG_NATIVE = "plugin", "native"
 
 
 def write_engines_record(engines_dir: Path, record: dict[str, Any]) -> None:
-    """Write engines.json (`record`: tensorrt_version, gpu, target, plugin, settings, engines...)."""
+    """Write engines.json (`record`: builder, gpu, target, plugin, settings, engines...)."""
     write_json(Path(engines_dir) / ENGINES_MANIFEST, {"kind": KIND, "mvlm_compile_version": __version__, **record})
 
 
-REQUIRED = ("tensorrt_version", "gpu", "plugin", "engines")
+REQUIRED = ("plugin", "engines")
 
 
 def read_engines_record(engines_dir: Path) -> dict[str, Any] | None:
@@ -34,12 +39,8 @@ def read_engines_record(engines_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     record = read_json_object(path, "the engines record", required=REQUIRED)
-    if (
-        not isinstance(record["engines"], dict)
-        or not isinstance(record["gpu"], dict)
-        or not isinstance(record["plugin"], dict)
-    ):
-        raise ArtifactError(f"{path}: corrupt, 'engines', 'gpu' and 'plugin' must be objects")
+    if not isinstance(record["engines"], dict) or not isinstance(record["plugin"], dict):
+        raise ArtifactError(f"{path}: corrupt, 'engines' and 'plugin' must be objects")
     for name, engine in record["engines"].items():
         if not isinstance(engine, dict) or "file" not in engine or "sha256" not in engine:
             raise ArtifactError(f"{path}: corrupt, engine {name!r} lacks 'file' or 'sha256'")
@@ -52,27 +53,90 @@ def engine_path(engines_dir: Path, record: dict[str, Any], name: str) -> Path:
     return safe_join(engines_dir, record["engines"][name]["file"], Path(engines_dir) / ENGINES_MANIFEST)
 
 
-def check_engines_record(
-    engines_dir: Path, tensorrt_version: str, gpu_name: str | None, gpu_sm: int | None, plugin_path: Path
-) -> dict:
-    """engines.json must match this TensorRT, GPU and plugin, and every engine its recorded hash."""
+def require_engines_record(engines_dir: Path) -> dict[str, Any]:
+    """The record, which must exist and name its builder (records before builder flavours do not)."""
     path = Path(engines_dir) / ENGINES_MANIFEST
     record = read_engines_record(engines_dir)
     if record is None:
         raise ArtifactError(f"{path}: missing (build the engines with `mvlm-compile build --target ...`)")
-    if record["tensorrt_version"] != tensorrt_version:
+    if "builder" not in record:
         raise ArtifactError(
-            f"{path}: engines built with TensorRT {record['tensorrt_version']}, this is {tensorrt_version}: rebuild"
+            f"{path}: written by mvlm-compile {record.get('mvlm_compile_version')}, which did not "
+            "record the builder: rebuild the engines"
         )
-    if gpu_sm is None or record["gpu"]["sm"] != gpu_sm:
+    return record
+
+
+def check_engines_record(
+    engines_dir: Path,
+    flavour: str,
+    version: str,
+    gpu_name: str | None,
+    gpu_sm: int | None,
+    plugin_path: Path | None,
+) -> dict:
+    """engines.json must match this builder flavour and version, this GPU's compute capability,
+    the plugin library (when the projector holds the plugin), and every engine its recorded hash."""
+    path = Path(engines_dir) / ENGINES_MANIFEST
+    record = require_engines_record(engines_dir)
+    builder = record["builder"]
+    if builder["flavour"] != flavour:
+        raise ArtifactError(f"{path}: engines built with {builder['flavour']}, this runtime is {flavour}: rebuild")
+    if builder["version"] != version:
+        raise ArtifactError(f"{path}: engines built with {flavour} {builder['version']}, this is {version}: rebuild")
+    if gpu_sm is None or builder["sm"] != gpu_sm:
         here = f"{gpu_name} (SM {gpu_sm})" if gpu_sm is not None else "no GPU"
         raise ArtifactError(
-            f"{path}: engines built for SM {record['gpu']['sm']} ({record['gpu']['name']}), this is {here}: rebuild"
+            f"{path}: engines built for compute capability {builder['compute_capability']} "
+            f"({record['target']}), this is {here}: rebuild"
         )
-    if record["plugin"]["sha256"] != sha256_file(plugin_path):
-        raise ArtifactError(f"{path}: built with another PEG plugin library than {plugin_path} (hash differs): rebuild")
+    if record["plugin"].get("mode") == PEG_PLUGIN:
+        if plugin_path is None:
+            raise ArtifactError(f"{path}: the projector engine holds the PEG plugin, but no plugin library was given")
+        if record["plugin"].get("sha256") != sha256_file(plugin_path):
+            raise ArtifactError(
+                f"{path}: built with another PEG plugin library than {plugin_path} (hash differs): rebuild"
+            )
     for name in record["engines"]:
         file = engine_path(engines_dir, record, name)
         if not file.is_file() or sha256_file(file) != record["engines"][name]["sha256"]:
             raise ArtifactError(f"{file}: missing or its content differs from {ENGINES_MANIFEST} (corrupt or replaced)")
     return record
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """The longest prompt (image tokens included) one prefill takes, and the longest prompt +
+    generated tokens, with where these limits come from (for the message)."""
+
+    max_prompt: int
+    context: int
+    source: str
+
+    def check(
+        self, prompt_tokens: int, new_tokens: int, prompt_option: str = "--prompt", new_option: str = "--max-new-tokens"
+    ) -> None:
+        """A usage error (exit 2) naming the limit, before any shape reaches TensorRT."""
+        if prompt_tokens + new_tokens > self.context:
+            raise MvlmError(
+                f"{prompt_option}: {prompt_tokens} prompt tokens (with the image) + {new_option} {new_tokens} exceed "
+                f"the context of {self.context} ({self.source})"
+            )
+        if prompt_tokens > self.max_prompt:
+            raise MvlmError(
+                f"{prompt_option}: {prompt_tokens} prompt tokens (with the image) exceed the longest prompt of "
+                f"{self.max_prompt} one prefill takes ({self.source})"
+            )
+
+
+def decoder_limits(record: dict[str, Any], engines_dir: Path) -> TokenLimits:
+    """From the decoder engine's profiles: the prefill profile's longest sequence (its past is
+    empty) and the decode profile's longest past + 1."""
+    profiles = record["engines"]["decoder"]["profiles"]
+    prefill, decode = profiles[PREFILL_PROFILE], profiles[DECODE_PROFILE]
+    max_prompt = int(prefill[contract.DECODER_EMBEDS][2][1])  # [min, opt, max] of [batch, seq, hidden]
+    context = int(decode[contract.past_names(0)[0]][2][2]) + 1  # [batch, kv heads, past, head dim]
+    where = Path(engines_dir) / ENGINES_MANIFEST
+    return TokenLimits(
+        max_prompt, context, f"the decoder engine's profiles in {where}; rebuild with a larger --context"
+    )

@@ -43,6 +43,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def sha256_graph(path: Path) -> str:
+    """Content hash of an ONNX graph with its external weights: `<graph>.onnx.data` beside it
+    (onnx_io.save_model's convention) changes the hash too. A graph without one hashes as its
+    .onnx alone, so records of inline graphs keep their values."""
+    data = Path(f"{path}.data")
+    if not data.exists():
+        return sha256_file(path)
+    return hashlib.sha256(f"{sha256_file(path)} {sha256_file(data)}".encode()).hexdigest()
+
+
 def digest(*parts: object) -> str:
     """SHA-256 of JSON-serialisable parts: the identity of a stage's inputs and parameters."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -7,7 +7,6 @@ their content hashes and I/O, and per stage the hash of its inputs so that later
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import numpy as np
 
 from mvlm_compile import __version__
 from mvlm_compile.errors import ArtifactError
-from mvlm_compile.fileio import directory_lock, read_json_object, safe_join, write_json
+from mvlm_compile.fileio import directory_lock, read_json_object, safe_join, sha256_graph, write_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "mvlm-compile-artifacts"
@@ -29,19 +28,6 @@ MODEL_INTS = (
     "hidden_size", "mm_hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
     "max_context", "image_tokens", "image_token_index", "bos_token_id", "eos_token_id",
 )  # fmt: skip
-
-
-def graph_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a graph: the .onnx and, when present, its external weights (.onnx.data)."""
-    digest = hashlib.sha256()
-    path = Path(path)
-    for part in (path, path.with_name(f"{path.name}.data")):
-        if part is path or part.exists():
-            digest.update(part.name.encode() + b"\0")
-            with open(part, "rb") as f:
-                while block := f.read(chunk):
-                    digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -77,14 +63,14 @@ class Manifest:
         return safe_join(directory, self.files[key], Path(directory) / MANIFEST_NAME)
 
     def graph_hashes(self, directory: Path) -> dict[str, str]:
-        """SHA-256 of every graph (external weights included) as it is on disk now."""
-        return {name: graph_sha256(self.graph_path(directory, name)) for name in self.graphs}
+        """SHA-256 of every graph as it is on disk now, external weights (<graph>.onnx.data) included."""
+        return {name: sha256_graph(self.graph_path(directory, name)) for name in self.graphs}
 
     def check_graph(self, directory: Path, name: str) -> Path:
         """The graph's path, once its content is what the manifest recorded: a graph modified,
         replaced or left half-written by an interrupted stage is refused before it is used or rewritten."""
         path = self.graph_path(directory, name)
-        if graph_sha256(path) != self.graphs[name]["sha256"]:
+        if sha256_graph(path) != self.graphs[name]["sha256"]:
             raise ArtifactError(
                 f"{path}: content differs from {MANIFEST_NAME} (modified, or an interrupted stage): "
                 "re-export, or rebuild the bundle from the checkpoint"
@@ -101,7 +87,7 @@ class Manifest:
     def record_graph(self, directory: Path, name: str, file: str, dtype: str, inputs: list, outputs: list) -> None:
         self.graphs[name] = {
             "file": file,
-            "sha256": graph_sha256(safe_join(directory, file, Path(directory) / MANIFEST_NAME)),
+            "sha256": sha256_graph(safe_join(directory, file, Path(directory) / MANIFEST_NAME)),
             "dtype": dtype,
             "inputs": inputs,
             "outputs": outputs,

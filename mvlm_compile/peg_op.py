@@ -14,6 +14,10 @@ registered, and for ONNX Runtime an FP16 graph's MvlmPEG nodes are wrapped in me
 Cast(float32) -> MvlmPEG(float32 weights) -> Cast(float16). The graph on disk keeps its FP16
 node, which is what TensorRT's plugin gets.
 
+Native form: `peg_to_native` rewrites MvlmPEG nodes back into the depthwise Conv + Add they stand
+for, for builders without the plugin library (TensorRT-RTX in CI, where no TensorRT headers exist
+to build it).
+
 Native libraries (built by `cmake -S plugins/peg -B plugins/peg/build && cmake --build plugins/peg/build`):
   libmvlm_peg_plugin.so  TensorRT plugin, registered by mvlm_compile.trt_env.load_plugin_library
   libmvlm_peg_kernel.so  the kernel alone behind a C function, for tests and benchmarks (no TensorRT)
@@ -200,6 +204,47 @@ def _wrap_fp16_nodes(model: onnx.ModelProto) -> None:
     unused = [t for t in graph.initializer if t.name not in used]  # the FP16 weights just replaced
     for tensor in unused:
         graph.initializer.remove(tensor)
+
+
+def peg_to_native(model: onnx.ModelProto) -> int:
+    """Rewrite every MvlmPEG node as the ops it stands for, in place: y = x + Conv(x, weight, bias)
+    with group = C, 3x3, stride 1, padding 1 (a native depthwise Conv, what the export had before
+    the plugin pass). Weights keep their dtype, so an FP16 projector stays FP16. For builders that
+    cannot load the plugin library (TensorRT-RTX in CI: no TensorRT headers to build it). Returns
+    the number of nodes rewritten."""
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    count = 0
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
+        if node.domain != PEG_DOMAIN or node.op_type != PEG_OP:
+            continue
+        weight = initializers.get(node.input[1])
+        if weight is None or len(weight.dims) != 4 or list(weight.dims[1:]) != [1, 3, 3]:
+            raise MvlmError(f"{node.name}: {PEG_OP} weight must be a constant [C, 1, 3, 3] initializer")
+        conv_out = f"{node.name}/depthwise_conv"
+        replacement = [
+            helper.make_node(
+                "Conv",
+                list(node.input[:3]),
+                [conv_out],
+                name=f"{node.name}/Conv",
+                group=int(weight.dims[0]),
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                strides=[1, 1],
+            ),
+            helper.make_node("Add", [node.input[0], conv_out], [node.output[0]], name=f"{node.name}/Add"),
+        ]
+        graph.node.remove(node)
+        for offset, new in enumerate(replacement):
+            graph.node.insert(index + offset, new)
+        count += 1
+    if count and not any(n.domain == PEG_DOMAIN for n in graph.node):
+        kept = [o for o in model.opset_import if o.domain != PEG_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    return count
 
 
 def ort_model_source(path: Path, options) -> str | bytes:

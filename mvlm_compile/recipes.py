@@ -1,5 +1,5 @@
 """Recipes (recipes/*.yaml: architecture, precision per component, defaults) and target
-profiles (recipes/targets/targets.yaml: SM, memory, bandwidth). Torch-free."""
+profiles (recipes/targets/targets.yaml: SM, memory, bandwidth, TensorRT builder). Torch-free."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import yaml
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.model.config import MobileVLMConfig
 from mvlm_compile.resources import RECIPES_DIR
+from mvlm_compile.trt_env import FLAVOURS, Flavour, sm_text
 
 TARGETS_FILE = RECIPES_DIR / "targets" / "targets.yaml"
 
@@ -29,13 +30,18 @@ class Recipe:
 @dataclass(frozen=True)
 class Target:
     name: str
-    kind: str  # "jetson" or "x86"
+    kind: str  # "jetson", "x86" or "rtx"
     sm: int
     memory_gb: float
     memory_budget_gb: float
     bandwidth_gbs: float
-    min_tensorrt: str
+    min_tensorrt: str  # of the target's builder flavour
     defaults: dict[str, Any]
+    builder: str = "tensorrt"  # mvlm_compile.trt_env.FLAVOURS: "tensorrt" (on the target) or "tensorrt-rtx"
+
+    @property
+    def flavour(self) -> Flavour:
+        return FLAVOURS[self.builder]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -70,9 +76,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     )
 
 
-def load_targets() -> dict[str, Target]:
-    data = _read_yaml(TARGETS_FILE)
-    return {
+def load_targets(path: Path = TARGETS_FILE) -> dict[str, Target]:
+    data = _read_yaml(path)
+    targets = {
         name: Target(
             name=name,
             kind=spec["kind"],
@@ -82,9 +88,26 @@ def load_targets() -> dict[str, Target]:
             bandwidth_gbs=float(spec["bandwidth_gbs"]),
             min_tensorrt=str(spec["min_tensorrt"]),
             defaults=dict(spec.get("defaults", {})),
+            builder=str(spec.get("builder", "tensorrt")),
         )
         for name, spec in data.items()
     }
+    for target in targets.values():
+        _check_builder(path, target)
+    return targets
+
+
+def _check_builder(path: Path, target: Target) -> None:
+    """The builder exists and, when it builds ahead of time, knows the target's compute capability."""
+    if target.builder not in FLAVOURS:
+        raise MvlmError(f"{path}: {target.name}: builder {target.builder!r}, expected one of {', '.join(FLAVOURS)}")
+    flavour = target.flavour
+    if flavour.ahead_of_time and target.sm not in flavour.sms:
+        known = ", ".join(sm_text(sm) for sm in flavour.sms)
+        raise MvlmError(
+            f"{path}: {target.name}: {flavour.name} cannot build for compute capability {sm_text(target.sm)} "
+            f"(it knows {known})"
+        )
 
 
 def load_target(name: str) -> Target:

@@ -1,4 +1,6 @@
-"""Shared fixtures: synthetic tiny checkpoints in both published vision-weight layouts."""
+"""Shared fixtures: synthetic tiny checkpoints in both published vision-weight layouts (these
+need torch), and the committed tiny bundle (tests/data/tiny-bundle, which needs nothing: it is
+what the TensorRT tests build from, on a Jetson too)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_TINY = REPO / "golden" / "tiny"
+# The seed-0 tiny model after export, optimize and quantize (`make tiny-bundle`; its golden
+# tensors are GOLDEN_TINY). tests/test_build_pipeline.py checks it is what the code makes now.
+TINY_BUNDLE = REPO / "tests" / "data" / "tiny-bundle"
+
+
+def copy_tiny_bundle(destination: Path) -> Path:
+    """A writable copy of the committed tiny bundle (builds write into the bundle)."""
+    import shutil
+
+    return Path(shutil.copytree(TINY_BUNDLE, destination))
 
 
 @pytest.fixture(scope="session")

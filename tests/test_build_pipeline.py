@@ -8,6 +8,7 @@ import json
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_BUNDLE
 
 from mvlm_compile.cli import cli
 from mvlm_compile.errors import EXIT_ENGINES_DEFERRED, EXIT_INPUT_ERROR
@@ -84,6 +85,20 @@ def test_unchanged_inputs_skip_every_stage_and_the_bundle_builds_on_its_own(bund
         "optimize": "skipped (unchanged)",
         "quantize": "skipped (unchanged)",
     }
+
+
+def test_the_committed_tiny_bundle_is_what_the_code_makes_now(bundle):
+    """tests/data/tiny-bundle (what the TensorRT tests build from, torch-free) against this build of
+    the same seed-0 checkpoint: the same graphs byte for byte, references included."""
+    out, _ = bundle
+    for artifacts in ("artifacts", "artifacts/reference"):
+        fresh, committed = load_manifest(out / artifacts), load_manifest(TINY_BUNDLE / artifacts)
+        assert committed.model == fresh.model, artifacts
+        assert committed.files == fresh.files, artifacts
+        for name, graph in fresh.graphs.items():
+            assert committed.graphs[name] == graph, f"{artifacts}/{graph['file']} is stale: run `make tiny-bundle`"
+        for file in fresh.files.values():
+            assert (TINY_BUNDLE / artifacts / file).read_bytes() == (out / artifacts / file).read_bytes(), file
 
 
 def test_a_configuration_that_does_not_fit_is_refused_with_the_numbers(bundle):

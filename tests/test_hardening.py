@@ -330,7 +330,7 @@ def test_a_non_utf8_prompt_is_an_input_error(tiny_artifacts):
     [
         (("--decode-steps", "0"), "--decode-steps"),
         (("--repeats", "0"), "--repeats"),
-        (("--prompt-tokens", "100000"), "exceed the model's context"),
+        (("--prompt-tokens", "100000"), "exceed the context of 512"),
     ],
 )
 def test_bad_bench_options(tiny_artifacts, options, needle):

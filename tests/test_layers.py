@@ -18,7 +18,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mvlm_compile"
 LAYERS = [
     (
         "contracts",
-        ["mvlm_compile", "errors", "fileio", "contract", "table", "onnx_io", "peg_op", "manifest", "engines_record"],
+        [
+            "mvlm_compile",
+            "errors",
+            "fileio",
+            "contract",
+            "table",
+            "onnx_io",
+            "peg_op",
+            "manifest",
+            "engines_record",
+            "resources",
+        ],
     ),
     ("model", ["model", "recipes", "trt_env"]),
     ("runtime", ["runtime"]),

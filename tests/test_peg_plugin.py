@@ -5,7 +5,7 @@ What runs where:
     Hopper (sm_90) and its argument checks through ctypes (they return before touching a GPU);
   - with TensorRT headers (TENSORRT_ROOT or the system paths): the plugin compiled with
     -Wall -Wextra -Werror and linked with the kernel into libmvlm_peg_plugin.so;
-  - with the `tensorrt` Python module: that library registered through load_library;
+  - with the `tensorrt` or TensorRT-RTX Python module: that library registered through load_library;
   - with a CUDA GPU and torch CUDA: the kernel against torch's conv2d.
 """
 
@@ -22,7 +22,7 @@ import pytest
 
 from mvlm_compile import peg_op as plugin
 from mvlm_compile.peg_op import PEG_CONTRACT, PluginLibraryError
-from mvlm_compile.trt_env import load_plugin_library
+from mvlm_compile.trt_env import TENSORRT, TENSORRT_RTX, import_flavour, load_plugin_library
 
 PEG_DIR = plugin.PEG_DIR
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
@@ -166,6 +166,19 @@ def test_find_plugin_library_order(tmp_path, monkeypatch):
         plugin.find_plugin_library([artifacts])
 
 
+def test_cmake_takes_nvcc_from_usr_local_cuda_when_it_is_not_on_path(tmp_path):
+    """As on JetPack, where /usr/local/cuda/bin is not on PATH: configuring must still find nvcc."""
+    jetpack_nvcc = Path("/usr/local/cuda/bin/nvcc")
+    cmake = shutil.which("cmake")
+    if cmake is None or not jetpack_nvcc.is_file():
+        pytest.skip(f"needs cmake and {jetpack_nvcc}")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_PATH")}
+    env["PATH"] = os.pathsep.join(d for d in ("/usr/bin", "/bin") if not (Path(d) / "nvcc").exists())
+    done = subprocess.run([cmake, "-S", str(PEG_DIR), "-B", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"CMAKE_CUDA_COMPILER:STRING={jetpack_nvcc}" in (tmp_path / "CMakeCache.txt").read_text()
+
+
 def test_kernel_compiles_for_orin_and_hopper(kernel_build):
     assert _cuda_elf_archs(kernel_build / "pegKernel.o") == list(KERNEL_ARCHS)
     lib = plugin.load_kernel_library(kernel_build / plugin.KERNEL_LIBRARY)
@@ -199,8 +212,11 @@ def test_plugin_compiles_against_tensorrt_headers(plugin_build):
     assert hasattr(lib, "setLoggerFinder")
 
 
-def test_plugin_registers_with_tensorrt(plugin_build):
-    trt = pytest.importorskip("tensorrt", reason="the tensorrt Python module is not installed")
+@pytest.mark.parametrize("flavour", [TENSORRT, TENSORRT_RTX], ids=lambda f: f.name)
+def test_plugin_registers_with_tensorrt(plugin_build, flavour):
+    trt, why = import_flavour(flavour)
+    if trt is None:
+        pytest.skip(why)
     creator = load_plugin_library(plugin_build / plugin.PLUGIN_LIBRARY, trt)
     assert (creator.name, creator.plugin_version, creator.plugin_namespace) == (
         PEG_CONTRACT["op_type"],

@@ -19,7 +19,8 @@ from conftest import GOLDEN_TINY, save_graph_by_hand
 from mvlm_compile import contract, peg_op
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.export.exporter import export_artifacts
-from mvlm_compile.manifest import graph_sha256, load_manifest
+from mvlm_compile.fileio import sha256_graph
+from mvlm_compile.manifest import load_manifest
 from mvlm_compile.model.ldpv2 import LDPNetV2Projector
 from mvlm_compile.peg_op import PEG_CONTRACT, peg_numpy
 from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session
@@ -347,7 +348,7 @@ def test_report_rows_json_and_manifest(optimized, tiny_artifacts):
     ]
     assert len(record["report"]) == len(report.records) and record["dims"]["seq"] == DEFAULT_DECODER_SEQ
     for name in GRAPHS:
-        assert manifest.graphs[name]["sha256"] == graph_sha256(out / f"{name}.onnx") != exported.graphs[name]["sha256"]
+        assert manifest.graphs[name]["sha256"] == sha256_graph(out / f"{name}.onnx") != exported.graphs[name]["sha256"]
         assert record["graphs"][name]["input_sha256"] == exported.graphs[name]["sha256"]
         assert manifest.graphs[name]["inputs"] == exported.graphs[name]["inputs"]
         assert manifest.graphs[name]["outputs"] == exported.graphs[name]["outputs"]

@@ -1,18 +1,35 @@
-"""The TensorRT path end to end: build the tiny model's engines and verify them against the
-golden tensors. Runs wherever TensorRT (10.3+), a CUDA GPU and the PEG plugin library exist;
-skipped with the reason elsewhere (CI and the development machines have none of them)."""
+"""The TensorRT path on a GPU: build the committed tiny bundle's engines with TensorRT 10.3+ and the
+PEG plugin, verify them against the golden tensors, run each decoder profile at its limits against
+ONNX Runtime, and refuse a prompt the engine cannot take before TensorRT sees it.
+
+Runs where TensorRT (10.3+), a CUDA GPU with a target profile for its SM (a Jetson Orin: SM 8.7)
+and the PEG plugin library exist; skipped with the reason elsewhere (CI and the development
+machines have none of them: there, tests/test_engines_rtx.py builds with TensorRT-RTX). Needs only
+what a Jetson has: tensorrt, onnx, onnxruntime, numpy and polygraphy, never torch (the bundle is
+committed: tests/data/tiny-bundle).
+"""
 
 from __future__ import annotations
 
-import pytest
-from conftest import GOLDEN_TINY
+import json
 
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import GOLDEN_TINY, copy_tiny_bundle
+
+from mvlm_compile import contract
 from mvlm_compile.peg_op import PluginLibraryError, find_plugin_library
 from mvlm_compile.recipes import load_targets
-from mvlm_compile.trt_env import import_tensorrt, query_gpu
+from mvlm_compile.trt_env import TENSORRT, import_tensorrt, query_gpu
 
 trt, why_not = import_tensorrt()
 gpu = query_gpu() if trt is not None else None
+
+
+def _target() -> str | None:
+    """The first TensorRT target profile for this GPU's SM (orin-agx-64gb on an Orin)."""
+    return next((n for n, t in load_targets().items() if t.builder == TENSORRT.name and t.sm == gpu.sm), None)
 
 
 def _skip_reason() -> str | None:
@@ -24,26 +41,121 @@ def _skip_reason() -> str | None:
         find_plugin_library()
     except PluginLibraryError as e:
         return f"PEG plugin library not built: {e}"
-    if not any(t.sm == gpu.sm for t in load_targets().values()):
-        return f"no target profile for this GPU's SM {gpu.sm}"
+    if _target() is None:
+        return f"no TensorRT target profile for this GPU's SM {gpu.sm}"
     return None
 
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
+# The same INT4 graph in both runtimes: they differ by TensorRT's FP16 activations only.
+SAME_GRAPH = {"rel_to_scale": 3e-2, "cosine": 0.999}
 
-def test_tiny_engines_build_and_match_golden(tiny_checkpoint, tmp_path):
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
     from mvlm_compile.bundle import build
+
+    bundle = copy_tiny_bundle(tmp_path_factory.mktemp("trt") / "bundle")
+    result = build(_target(), bundle)
+    assert result.engines_dir is not None, result.deferred_reason
+    return bundle, result.engines_dir, json.loads((result.engines_dir / "engines.json").read_text())
+
+
+def test_engines_build_with_the_plugin_and_match_golden(engines):
     from mvlm_compile.recipes import load_recipe
     from mvlm_compile.runtime.trt_backend import TrtBackend
     from mvlm_compile.verify.verifier import verify
 
-    target = next(name for name, t in load_targets().items() if t.sm == gpu.sm)
-    result = build(target, tmp_path / "bundle", checkpoint=tiny_checkpoint)
-    assert result.engines_dir is not None, result.deferred_reason
-    backend = TrtBackend(result.bundle / "artifacts", result.engines_dir)
-    outcome = verify(backend, GOLDEN_TINY, tolerances=load_recipe("tiny").tolerances)
+    bundle, engines_dir, record = engines
+    assert record["builder"]["flavour"] == "tensorrt" and record["builder"]["version"] == trt.__version__
+    assert record["builder"]["sm"] == gpu.sm and record["gpu"]["name"] == gpu.name
+    assert record["plugin"]["mode"] == "plugin"  # the projector holds MvlmPEG
+    assert record["engines"]["decoder"]["profile_indices"] == [0, 1]
+    with TrtBackend(bundle / "artifacts", engines_dir) as backend:
+        outcome = verify(backend, GOLDEN_TINY, tolerances=load_recipe("tiny").tolerances)
     assert outcome.passed, outcome.to_json()
-    # A second build with nothing changed skips every stage.
-    again = build(target, tmp_path / "bundle", checkpoint=tiny_checkpoint)
+
+
+def _decoder_feed(model: dict, seq: int, past: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    from mvlm_compile.runtime.pipeline import decoder_feed
+
+    embeds = (rng.standard_normal((1, seq, int(model["hidden_size"]))) * 0.5).astype(np.float16)
+    shape = (1, int(model["num_kv_heads"]), past, int(model["head_dim"]))
+    cache = [(rng.standard_normal(shape) * 0.5).astype(np.float16) for _ in range(2 * int(model["num_layers"]))]
+    return decoder_feed(embeds, cache)
+
+
+def test_each_decoder_profile_at_its_limits_matches_onnx_runtime(engines):
+    """Prefill (past = 0) at 1 token and at the longest prompt; decode at past 1 and past = context - 1."""
+    from mvlm_compile.runtime.ort_backend import OrtBackend
+    from mvlm_compile.runtime.trt_backend import TrtBackend
+    from mvlm_compile.verify.metrics import compare
+
+    bundle, engines_dir, _ = engines
+    rng = np.random.default_rng(0)
+    with TrtBackend(bundle / "artifacts", engines_dir) as trt_backend, OrtBackend(bundle / "artifacts") as ort:
+        limits, model = trt_backend.limits, trt_backend.manifest.model
+        cases = [(1, 0), (limits.max_prompt, 0), (1, 1), (1, limits.context - 1)]
+        for seq, past in cases:
+            feed = _decoder_feed(model, seq, past, rng)
+            got, expected = trt_backend.run("decoder", feed), ort.run("decoder", feed)
+            for name in contract.decoder_output_names(int(model["num_layers"])):
+                assert got[name].shape == expected[name].shape, (seq, past, name)
+                metrics = compare(got[name].astype(np.float32), expected[name].astype(np.float32))
+                assert metrics["rel_to_scale"] <= SAME_GRAPH["rel_to_scale"], (seq, past, name, metrics)
+                assert metrics["cosine"] >= SAME_GRAPH["cosine"], (seq, past, name, metrics)
+
+
+def test_outputs_do_not_alias_the_next_call(engines):
+    from mvlm_compile.runtime.trt_backend import TrtBackend
+
+    bundle, engines_dir, _ = engines
+    rng = np.random.default_rng(1)
+    with TrtBackend(bundle / "artifacts", engines_dir) as backend:
+        model = backend.manifest.model
+        first = backend.run("decoder", _decoder_feed(model, 8, 0, rng))
+        kept = {k: v.copy() for k, v in first.items()}
+        backend.run("decoder", _decoder_feed(model, 8, 0, rng))
+        assert all(np.array_equal(first[k], kept[k]) for k in first)
+
+
+def test_a_prompt_the_engine_cannot_take_is_a_usage_error(engines, tmp_path):
+    """Longer than the prefill profile but within the model's context: exit 2 naming the limit."""
+    from mvlm_compile.cli import cli
+    from mvlm_compile.runtime.pipeline import Chat, Pipeline
+    from mvlm_compile.runtime.trt_backend import TrtBackend
+
+    bundle, engines_dir, _ = engines
+    with TrtBackend(bundle / "artifacts", engines_dir) as backend:
+        limits, chat = backend.limits, Chat(Pipeline(backend))
+        image_tokens = int(backend.manifest.model["image_tokens"])
+        words = next(
+            n for n in range(1, 2000) if len(chat.prompt_ids("word " * n)) - 1 + image_tokens > limits.max_prompt
+        )
+        prompt_tokens = len(chat.prompt_ids("word " * words)) - 1 + image_tokens
+    assert prompt_tokens + 4 <= limits.context <= int(backend.manifest.model["max_context"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(bundle),
+            "--backend",
+            "trt",
+            "--engines",
+            str(engines_dir),
+            "--image",
+            str(GOLDEN_TINY / "image.png"),
+        ]
+        + ["--prompt", "word " * words, "--max-new-tokens", "4"],
+    )
+    assert result.exit_code == 2, result.output
+    assert f"exceed the longest prompt of {limits.max_prompt}" in result.output
+
+
+def test_a_second_build_skips_the_engines(engines):
+    from mvlm_compile.bundle import build
+
+    bundle, _, _ = engines
+    again = build(_target(), bundle)
     assert set(again.stages.values()) == {"skipped (unchanged)"}

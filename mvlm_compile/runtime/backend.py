@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mvlm_compile.engines_record import TokenLimits
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.manifest import Manifest
 
@@ -24,6 +25,7 @@ class Backend(Protocol):
     name: str  # "ort" or "trt"
     manifest: Manifest
     artifacts: Path
+    limits: TokenLimits  # longest prompt and context: TensorRT's from the engine's profiles, not the model's
 
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mvlm_compile.errors import MvlmError
 from mvlm_compile.runtime.pipeline import Pipeline
 
 Progress = Callable[[str], None]
@@ -57,12 +56,9 @@ def bench_backend(
     pipeline: Pipeline, prompt_tokens: int, decode_steps: int, warmup: int, repeats: int, progress: Progress
 ) -> dict:
     """Vision, projector, prefill of `prompt_tokens` (image included) and `decode_steps` decode steps."""
+    # The decode steps (warm-up ones too) grow one cache past the prompt: all must fit the backend.
+    pipeline.backend.limits.check(prompt_tokens, warmup + decode_steps, "--prompt-tokens", "--warmup + --decode-steps")
     manifest = pipeline.backend.manifest.model
-    if prompt_tokens + warmup + decode_steps > int(manifest["max_context"]):
-        raise MvlmError(
-            f"--prompt-tokens {prompt_tokens} + --warmup {warmup} + --decode-steps {decode_steps}: "
-            f"exceed the model's context of {manifest['max_context']}"
-        )
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((1, 3, 336, 336)).astype(np.float32)
     features = pipeline.backend.run("vision", {"pixel_values": pixels})["image_features"]

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from mvlm_compile.engines_record import TokenLimits
 from mvlm_compile.errors import ArtifactError
 from mvlm_compile.fileio import directory_lock
-from mvlm_compile.manifest import Manifest, load_manifest
+from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -60,6 +61,9 @@ class OrtBackend:
         except BaseException:
             self._lock.close()
             raise
+        context = int(self.manifest.model["max_context"])
+        # No profiles here: one prefill may take the whole context.
+        self.limits = TokenLimits(context, context, f"the model's context in {self.artifacts / MANIFEST_NAME}")
         self._sessions: dict = {}
 
     def _session(self, graph: str):

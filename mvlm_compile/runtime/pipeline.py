@@ -154,7 +154,6 @@ class Chat:
             raise ArtifactError(f"{path}: not a readable tokenizer.json ({e})") from None
         self.bos = int(manifest.model["bos_token_id"])
         self.eos = int(manifest.model["eos_token_id"])
-        self.context = int(manifest.model["max_context"])
 
     def prompt_ids(self, question: str) -> list[int]:
         return tokenize_with_image(build_prompt(question), lambda text: self.tokenizer.encode(text).ids, self.bos)
@@ -176,11 +175,8 @@ class Chat:
             raise MvlmError("--stop: an empty stop string would stop before the first token")
         ids = self.prompt_ids(question)
         prompt_tokens = len(ids) - 1 + int(self.pipeline.backend.manifest.model["image_tokens"])
-        if prompt_tokens + max_new_tokens > self.context:
-            raise MvlmError(
-                f"--prompt: {prompt_tokens} prompt tokens (with the image) + --max-new-tokens {max_new_tokens} "
-                f"exceed the context of {self.context}"
-            )
+        # The backend's limits: an engine's profiles may be tighter than the model's context.
+        self.pipeline.backend.limits.check(prompt_tokens, max_new_tokens)
         rng = np.random.default_rng(sampling.seed)
         logits, past = self.pipeline.step(
             self.pipeline.splice(ids, self.pipeline.image_embeds(pixel_values)), self.pipeline.empty_cache()
