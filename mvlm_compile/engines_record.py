@@ -38,6 +38,9 @@ def read_engines_record(engines_dir: Path) -> dict[str, Any] | None:
     path = Path(engines_dir) / ENGINES_MANIFEST
     if not path.exists():
         return None
+    record = read_json_object(path, "the engines record")
+    if "builder" not in record:
+        return record  # written before builder flavours: require_engines_record says to rebuild
     record = read_json_object(path, "the engines record", required=REQUIRED)
     if not isinstance(record["engines"], dict) or not isinstance(record["plugin"], dict):
         raise ArtifactError(f"{path}: corrupt, 'engines' and 'plugin' must be objects")

@@ -18,7 +18,13 @@ from click.testing import CliRunner
 from conftest import GOLDEN_TINY
 
 from mvlm_compile.cli import cli
-from mvlm_compile.errors import EXIT_ENGINES_DEFERRED, EXIT_INPUT_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED
+from mvlm_compile.errors import (
+    EXIT_ENGINES_DEFERRED,
+    EXIT_INPUT_ERROR,
+    EXIT_INTERNAL_ERROR,
+    EXIT_INTERRUPTED,
+    ArtifactError,
+)
 from mvlm_compile.fileio import LOCK, MARKER, atomic_output_dir, write_json
 from mvlm_compile.manifest import load_manifest
 
@@ -145,13 +151,12 @@ def test_engines_json_names_outside_are_refused(tmp_path):
     engines = tmp_path / "engines-x"
     engines.mkdir()
     record = {
-        "tensorrt_version": "10.3",
-        "gpu": {},
+        "builder": {"flavour": "tensorrt"},
         "plugin": {},
         "engines": {"vision": {"file": "../../x", "sha256": ""}},
     }
     write_json(engines / "engines.json", record)
-    with pytest.raises(Exception, match="points outside"):
+    with pytest.raises(ArtifactError, match="points outside"):
         read_engines_record(engines)
 
 
