@@ -150,11 +150,8 @@ def test_engines_json_names_outside_are_refused(tmp_path):
 
     engines = tmp_path / "engines-x"
     engines.mkdir()
-    record = {
-        "builder": {"flavour": "tensorrt"},
-        "plugin": {},
-        "engines": {"vision": {"file": "../../x", "sha256": ""}},
-    }
+    engine = {"file": "../../x", "sha256": ""}
+    record = {"builder": {"flavour": "tensorrt"}, "plugin": {}, "engines": {"vision": engine}}
     write_json(engines / "engines.json", record)
     with pytest.raises(ArtifactError, match="points outside"):
         read_engines_record(engines)
