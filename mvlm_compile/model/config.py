@@ -165,7 +165,7 @@ def _positive_number(value: Any, key: str, path: Path) -> float:
     return float(value)
 
 
-_VISION_INT_KEYS = (
+VISION_INT_KEYS = (
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
@@ -182,10 +182,10 @@ def validate_vision_config(vision: Any, path: Path) -> dict[str, Any]:
     """
     if not isinstance(vision, dict):
         raise CheckpointError(f"{path}: the vision config is {type(vision).__name__}, expected an object")
-    missing = [k for k in _VISION_INT_KEYS if k not in vision]
+    missing = [k for k in VISION_INT_KEYS if k not in vision]
     if missing:
         raise CheckpointError(f"{path}: vision config lacks {missing}")
-    out: dict[str, Any] = {k: _positive_int(vision[k], f"vision {k}", path) for k in _VISION_INT_KEYS}
+    out: dict[str, Any] = {k: _positive_int(vision[k], f"vision {k}", path) for k in VISION_INT_KEYS}
     if out["hidden_size"] % out["num_attention_heads"]:
         raise CheckpointError(
             f"{path}: vision hidden_size {out['hidden_size']} is not a multiple of num_attention_heads "

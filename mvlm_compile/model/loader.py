@@ -24,6 +24,7 @@ from transformers.initialization import no_init_weights
 
 from mvlm_compile.errors import CheckpointError
 from mvlm_compile.model.config import (
+    VISION_INT_KEYS,
     MobileVLMConfig,
     check_readable,
     load_mobilevlm_config,
@@ -224,16 +225,7 @@ def _vision_source(cfg: MobileVLMConfig, files: list[WeightFile], vision_tower: 
     )
 
 
-_GEOMETRY_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "image_size",
-    "patch_size",
-    "hidden_act",
-    "layer_norm_eps",
-)
+_GEOMETRY_KEYS = (*VISION_INT_KEYS, "hidden_act", "layer_norm_eps")
 
 
 def _check_vision_geometry(cfg: MobileVLMConfig, vision: dict, source: Path) -> None:
