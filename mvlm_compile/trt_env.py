@@ -11,9 +11,12 @@ without a GPU). What differs between them is described by `Flavour`, here and no
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import importlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -200,3 +203,20 @@ def load_plugin_library(path: Path | str, trt_module: ModuleType) -> Any:
             f"{namespace!r}: was it built from {CONTRACT_PATH}?"
         )
     return creator
+
+
+@contextlib.contextmanager
+def no_collection_inside_tensorrt() -> Iterator[None]:
+    """TensorRT calls our Python logger while it holds its own mutexes. A garbage collection that
+    starts inside that callback may free another TensorRT object left in a reference cycle (a
+    traceback of an earlier failed build holds one), whose destructor takes the same mutex: the
+    process hangs (seen: TensorRT-RTX 1.7, createInferBuilder). So collect first, then keep the
+    cyclic collector off while TensorRT works; reference counting still frees everything else."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

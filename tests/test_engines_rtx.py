@@ -313,3 +313,42 @@ def test_the_projector_builds_with_the_peg_plugin(plugin_library, tmp_path, monk
     assert (engines_dir / "projector.engine").stat().st_size == projector["bytes"] > 100_000
     assert f"--plugins {os.path.relpath(plugin_library, engines_dir)}" in projector["commands"]["polygraphy"]
     assert not (engines_dir / NATIVE_PROJECTOR).exists()
+
+
+def test_errors_of_every_build_reach_its_message(tmp_path):
+    """TensorRT keeps the first logger it is given and ignores later ones: a refused build after
+    another build must still report the refusal's own error, not "no error logged"."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", 8])
+    onnx.save(_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], [x], [y]), str(tmp_path / "g.onnx"))
+    good, inverted = {"x": [[1, 8], [2, 8], [4, 8]]}, {"x": [[4, 8], [2, 8], [1, 8]]}
+    for _ in range(2):
+        assert build_serialized_engine(rtx, TENSORRT_RTX, _spec(tmp_path / "g.onnx", [good])).data
+        with pytest.raises(EngineBuildError, match=r"MIN<=OPT<=MAX"):
+            build_serialized_engine(rtx, TENSORRT_RTX, _spec(tmp_path / "g.onnx", [good, inverted]))
+
+
+def test_no_garbage_collection_runs_while_tensorrt_works():
+    """A collection inside TensorRT's logger callback can free another TensorRT object whose
+    destructor waits on a mutex TensorRT holds (a hang seen in this suite): collect before, none during."""
+    import gc
+    import weakref
+
+    from mvlm_compile.trt_env import no_collection_inside_tensorrt
+
+    class Node:
+        pass
+
+    def garbage_cycle() -> weakref.ref:
+        node = Node()
+        node.self = node
+        return weakref.ref(node)
+
+    before = garbage_cycle()
+    with no_collection_inside_tensorrt():
+        assert before() is None  # what was pending is collected first, outside TensorRT
+        during = garbage_cycle()
+        for _ in range(100_000):  # far past the collector's thresholds
+            Node()
+        assert during() is not None and not gc.isenabled()
+    assert gc.isenabled()

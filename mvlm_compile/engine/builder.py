@@ -35,7 +35,14 @@ from mvlm_compile.manifest import load_manifest
 from mvlm_compile.onnx_io import load_model, save_model
 from mvlm_compile.peg_op import peg_to_native
 from mvlm_compile.recipes import Target
-from mvlm_compile.trt_env import Flavour, GpuInfo, compute_capability, load_plugin_library, sm_text
+from mvlm_compile.trt_env import (
+    Flavour,
+    GpuInfo,
+    compute_capability,
+    load_plugin_library,
+    no_collection_inside_tensorrt,
+    sm_text,
+)
 
 ENGINE_GRAPHS = ("vision", "projector", "decoder")
 NATIVE_PROJECTOR = "projector-native.onnx"  # written into the engines directory when PEG is built natively
@@ -65,25 +72,37 @@ class BuiltEngine:
     seconds: float
 
 
-class BuildLog:
-    """TensorRT's log for one build: errors kept for our one-line messages, warnings shown on
-    stderr. Holds the ILogger, which must outlive the builder that uses it."""
+_LOGGERS: dict[str, Any] = {}  # TensorRT module name -> its one ILogger
 
-    def __init__(self, trt: ModuleType) -> None:
-        self.errors: list[str] = []
-        errors = self.errors
+
+def _logger(trt: ModuleType) -> Any:
+    """One ILogger per TensorRT module: TensorRT keeps the first logger a builder, runtime or
+    refitter registers and ignores later ones ("the current new logger is ignored"), so a
+    logger per build would collect nothing after the first build."""
+    if trt.__name__ not in _LOGGERS:
 
         class Logger(trt.ILogger):
             def __init__(self) -> None:
                 trt.ILogger.__init__(self)
+                self.errors: list[str] = []
 
             def log(self, severity: Any, message: str) -> None:
                 if severity <= trt.ILogger.Severity.ERROR:
-                    errors.append(" ".join(message.split()))  # one line in our messages
+                    self.errors.append(" ".join(message.split()))  # one line in our messages
                 if severity <= trt.ILogger.Severity.WARNING:
                     print(f"[{trt.__name__}] {message}", file=sys.stderr)
 
-        self.logger = Logger()
+        _LOGGERS[trt.__name__] = Logger()
+    return _LOGGERS[trt.__name__]
+
+
+class BuildLog:
+    """TensorRT's log as one build sees it: errors kept for our one-line messages, warnings shown
+    on stderr."""
+
+    def __init__(self, trt: ModuleType) -> None:
+        self.logger = _logger(trt)
+        self.errors: list[str] = self.logger.errors
 
     def error_since(self, start: int) -> str:
         """The first error logged after `start` (the first is the cause; later ones are consequences)."""
@@ -166,6 +185,13 @@ def build_serialized_engine(
 ) -> BuiltEngine:
     """Parse, configure and build one engine. `timing_cache` (flavours that have one) is read
     and merged back on disk."""
+    with no_collection_inside_tensorrt():
+        return _build(trt, flavour, spec, timing_cache, progress)
+
+
+def _build(
+    trt: ModuleType, flavour: Flavour, spec: EngineSpec, timing_cache: Path | None, progress: Progress
+) -> BuiltEngine:
     log = BuildLog(trt)
     builder, network, _parser = parse_onnx(trt, log, spec.onnx_path)
     config = builder.create_builder_config()

@@ -31,7 +31,13 @@ from mvlm_compile.engines_record import (
 from mvlm_compile.errors import InternalError, MvlmError
 from mvlm_compile.manifest import Manifest, load_manifest
 from mvlm_compile.peg_op import find_plugin_library
-from mvlm_compile.trt_env import FLAVOURS, import_flavour, load_plugin_library, query_gpu
+from mvlm_compile.trt_env import (
+    FLAVOURS,
+    import_flavour,
+    load_plugin_library,
+    no_collection_inside_tensorrt,
+    query_gpu,
+)
 
 ADDRESS_ALIGNMENT = 256  # TensorRT's minimum alignment of an I/O tensor address
 
@@ -85,17 +91,18 @@ class TrtBackend:
             raise MvlmError(f"--backend trt: running {flavour.name} engines is not supported yet ({engines_dir})")
         self.limits: TokenLimits = decoder_limits(self.record, Path(engines_dir))
         self._empty = cuda.DeviceArray.raw((ADDRESS_ALIGNMENT,))  # cudaMalloc: 256-byte aligned, never null
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engines = {}
-        for name in self.record["engines"]:
-            self._engines[name] = runtime.deserialize_cuda_engine(
-                engine_path(engines_dir, self.record, name).read_bytes()
-            )
-            profiles = [PREFILL_PROFILE, DECODE_PROFILE] if name == "decoder" else [0]
-            for profile in profiles:
-                runner = TrtRunner(self._engines[name], optimization_profile=profile)
-                runner.activate()
-                self._runners[(name, profile)] = runner
+        with no_collection_inside_tensorrt():
+            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            for name in self.record["engines"]:
+                self._engines[name] = runtime.deserialize_cuda_engine(
+                    engine_path(engines_dir, self.record, name).read_bytes()
+                )
+                profiles = [PREFILL_PROFILE, DECODE_PROFILE] if name == "decoder" else [0]
+                for profile in profiles:
+                    runner = TrtRunner(self._engines[name], optimization_profile=profile)
+                    runner.activate()
+                    self._runners[(name, profile)] = runner
 
     def input_dtype(self, graph: str, name: str) -> type:
         return self.manifest.input_dtype(graph, name)
