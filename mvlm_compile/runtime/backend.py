@@ -35,12 +35,15 @@ class Backend(Protocol):
 
 
 @contextlib.contextmanager
-def open_backend(name: str, artifacts: Path, engines_dir: Path | None = None) -> Iterator[Backend]:
-    """A backend over an artifacts directory (and, for "trt", its engines directory); closed on exit."""
+def open_backend(
+    name: str, artifacts: Path, engines_dir: Path | None = None, threads: int = 0, int4_activations: str = "fp32"
+) -> Iterator[Backend]:
+    """A backend over an artifacts directory (and, for "trt", its engines directory); closed on exit.
+    `threads` and `int4_activations` (see ort_backend.INT4_ACTIVATIONS) are ONNX Runtime's."""
     if name == "ort":
         from mvlm_compile.runtime.ort_backend import OrtBackend
 
-        backend: Backend = OrtBackend(Path(artifacts))
+        backend: Backend = OrtBackend(Path(artifacts), threads=threads, int4_activations=int4_activations)
     elif name == "trt":
         from mvlm_compile.runtime.trt_backend import TrtBackend
 
