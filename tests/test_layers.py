@@ -31,7 +31,7 @@ LAYERS = [
             "resources",
         ],
     ),
-    ("model", ["model", "recipes", "trt_env"]),
+    ("model", ["model", "tinytask", "recipes", "trt_env"]),
     ("runtime", ["runtime"]),
     ("stages", ["export", "surgery", "quantize", "engine", "verify"]),
     ("bundle", ["bundle"]),
