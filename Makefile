@@ -11,24 +11,41 @@ DEMO_DIR ?= build/demo
 DEMO_TARGET ?= orin-agx-64gb
 BENCH_DIR ?= build/bench
 TINY_BUNDLE := tests/data/tiny-bundle
+# The embedded model that answers (trained by `make tiny-model`, committed) and its golden set.
+TINY_MODEL ?= models/tiny-shapes
+GOLDEN_SHAPES ?= golden/tiny-shapes
 
-.PHONY: demo test lint-fix bench plugin golden tiny-bundle clean
+.PHONY: demo test lint-fix bench task-bench tiny-model plugin golden tiny-bundle clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx]'
 	touch $@
 
-# The main job on the embedded tiny model: build for an Orin (here the engines are deferred to
-# the target: exit status 3 is expected without TensorRT), then verify and run the bundle's
-# graphs in ONNX Runtime.
+# The main job on the embedded model that answers (models/tiny-shapes): build for an Orin (here
+# the engines are deferred to the target: exit status 3 is expected without TensorRT), verify the
+# bundle's graphs in ONNX Runtime (components, golden tokens, and the answers to 50 held-out
+# questions), then ask about the committed example image (a yellow star at the top, a red circle
+# on the left, a blue square on the right).
 demo: $(STAMP)
-	$(BIN)/mvlm-compile synth --preset tiny --seed 0 --out $(DEMO_DIR)/checkpoint
-	status=0; $(BIN)/mvlm-compile build $(DEMO_DIR)/checkpoint --target $(DEMO_TARGET) --out $(DEMO_DIR)/bundle || status=$$?; \
+	status=0; $(BIN)/mvlm-compile build $(TINY_MODEL) --target $(DEMO_TARGET) --out $(DEMO_DIR)/bundle || status=$$?; \
 	  test $$status -eq 0 -o $$status -eq 3
 	$(BIN)/mvlm-compile verify $(DEMO_DIR)/bundle --golden $(DEMO_DIR)/bundle/golden --report $(DEMO_DIR)/verify.json
-	$(BIN)/mvlm-compile run $(DEMO_DIR)/bundle --image $(DEMO_DIR)/bundle/golden/image.png \
-	  --prompt "What is in the image?" --max-new-tokens 16 --stream
+	for q in "Describe the image in one sentence." "How many shapes are there?" "What shape is on the left?" \
+	  "Where is the red shape?"; do \
+	  printf '%s -> ' "$$q"; $(BIN)/mvlm-compile run $(DEMO_DIR)/bundle --image $(GOLDEN_SHAPES)/image.png --prompt "$$q" || exit 1; \
+	done
+
+# Train the embedded model from scratch on the CPU (deterministic; about 30 minutes on 2 cores)
+# and regenerate its golden set. The result is committed: nobody needs to run this.
+tiny-model: $(STAMP)
+	$(BIN)/python -m mvlm_compile.tinytask.train --out $(TINY_MODEL)
+	$(BIN)/mvlm-compile golden --checkpoint $(TINY_MODEL) --out $(GOLDEN_SHAPES)
+
+# The embedded model's answers on the whole held-out split at every precision (FP32 ONNX, FP16,
+# INT4 RTN/AWQ at several group sizes): the numbers behind recipes/tiny-shapes.yaml's tolerances.
+task-bench: $(STAMP)
+	$(BIN)/python benchmarks/task_bench.py --workdir $(BENCH_DIR)/task
 
 # The linter is part of the suite: format and lint (ruff, settings in pyproject.toml), then pytest.
 test: $(STAMP)
@@ -50,11 +67,14 @@ bench: $(STAMP)
 	$(BIN)/mvlm-compile bench $(BENCH_DIR)/mobilevlm-v2-1.7b-int4-awq --checkpoint $(BENCH_DIR)/mobilevlm-v2-1.7b-checkpoint \
 	  --report $(BENCH_DIR)/runtime_bench-1.7b.json
 	$(BIN)/python benchmarks/peg_kernel_bench.py || echo "peg_kernel_bench: needs a CUDA GPU"
+	$(BIN)/python benchmarks/task_bench.py --workdir $(BENCH_DIR)/task
 
-# Regenerate the committed golden tensors of the tiny model (after a deliberate model change).
+# Regenerate the committed golden sets (after a deliberate change to a model or to the reference):
+# the random tiny model's (the exporter's own tests) and the shapes model's.
 golden: $(STAMP)
 	$(BIN)/mvlm-compile synth --preset tiny --seed 0 --out build/golden-tiny-checkpoint
 	$(BIN)/mvlm-compile golden --checkpoint build/golden-tiny-checkpoint --out golden/tiny
+	$(BIN)/mvlm-compile golden --checkpoint $(TINY_MODEL) --out $(GOLDEN_SHAPES)
 
 # Regenerate the committed tiny bundle (its artifacts; its golden tensors are golden/tiny) after a
 # deliberate change to export, optimize or quantize: tests/test_build_pipeline.py says when. Made

@@ -283,6 +283,7 @@ def _build_locked(
     progress: Progress = lambda msg: None,
 ) -> BuildResult:
     from mvlm_compile.quantize import QuantizeSettings, quantize_artifacts
+    from mvlm_compile.quantize.calibration import spec_for_recipe
     from mvlm_compile.surgery import optimize_artifacts
 
     target = load_target(target_name)
@@ -314,11 +315,12 @@ def _build_locked(
         progress,
     )
     quantize = QuantizeSettings.resolve(recipe)
+    calibration = spec_for_recipe(recipe)  # a task model calibrates on its own train split
     stages["quantize"] = _graph_stage(
         "quantize",
         artifacts,
-        quantize.to_json(),
-        lambda record: quantize_artifacts(artifacts, quantize, progress=progress, stage_record=record),
+        {**quantize.to_json(), "calibration": calibration.describe()},
+        lambda record: quantize_artifacts(artifacts, quantize, calibration, progress=progress, stage_record=record),
         force,
         progress,
     )

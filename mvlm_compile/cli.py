@@ -506,6 +506,12 @@ def _open_backend(backend: str, path: Path, engines: Path | None, threads: int =
     default=None,
     help="Write the JSON report here (and JUnit XML beside it, .xml).",
 )
+@click.option(
+    "--task-items",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Task questions to answer when the golden directory has task.json (0: none). Default: 50.",
+)
 @_json_option
 def verify(
     artifacts: Path,
@@ -516,22 +522,24 @@ def verify(
     recipe: str | None,
     reference: Path | None,
     report: Path | None,
+    task_items: int | None,
     as_json: bool,
 ) -> None:
-    """Compare every component and the greedy tokens with the golden tensors (exit 1 beyond tolerance)."""
+    """Compare every component and the greedy tokens with the golden tensors (exit 1 beyond tolerance);
+    for a task model, also its answers to held-out questions."""
     from mvlm_compile.fileio import write_json
     from mvlm_compile.manifest import MANIFEST_NAME, REFERENCE_DIR
-    from mvlm_compile.recipes import load_recipe
+    from mvlm_compile.verify.verifier import VERIFY_TASK_ITEMS
     from mvlm_compile.verify.verifier import verify as run_verify
 
     _quiet_libraries()
     _check_report(report, artifacts, golden)
     with _open_backend(backend, artifacts, engines, threads) as runner:  # INT4 activations stay fp32
-        recipe_name = recipe or runner.manifest.model.get("recipe")
-        tolerances = load_recipe(recipe_name).tolerances if recipe_name else None
+        tolerances = _recipe_tolerances(recipe, runner.manifest)
         kept = runner.artifacts / REFERENCE_DIR
         reference = reference or (kept if (kept / MANIFEST_NAME).exists() else None)
-        result = run_verify(runner, golden, tolerances=tolerances, reference=reference)
+        items = VERIFY_TASK_ITEMS if task_items is None else task_items
+        result = run_verify(runner, golden, tolerances=tolerances, reference=reference, task_items=items)
     if report is not None:
         write_json(report, result.to_json())
         result.write_junit(report.with_suffix(".xml"))
@@ -551,6 +559,70 @@ def verify(
         click.echo("PASSED" if result.passed else "FAILED")
     if not result.passed:
         raise NumericalFailure(f"{artifacts}: outputs differ from the golden tensors in {golden} beyond tolerance")
+
+
+def _recipe_tolerances(recipe: str | None, manifest) -> dict | None:
+    """The tolerances of `--recipe`, else of the recipe the artifacts were exported with."""
+    from mvlm_compile.recipes import load_recipe
+
+    name = recipe or manifest.model.get("recipe")
+    return load_recipe(name).tolerances if name else None
+
+
+@cli.command(name="eval")
+@click.argument("artifacts", type=click.Path(path_type=Path), nargs=-1, required=True)
+@click.option(
+    "--golden",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Golden directory with task.json (`golden` of a task model, or a bundle's golden/).",
+)
+@_backend_options
+@click.option("--items", type=click.IntRange(min=1), default=None, help="Evaluate the first N items (default: all).")
+@click.option("--recipe", default=None, help="Recipe whose task tolerances apply (default: each artifacts' recipe).")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@_json_option
+def evaluate(
+    artifacts: tuple[Path, ...],
+    golden: Path,
+    backend: str,
+    engines: Path | None,
+    threads: int,
+    items: int | None,
+    recipe: str | None,
+    report: Path | None,
+    as_json: bool,
+) -> None:
+    """Answer the held-out task questions with each ARTIFACTS: exact match, agreement with the FP32 reference
+    (exit 1 when one fails its precision's task gate)."""
+    from mvlm_compile.fileio import write_json
+    from mvlm_compile.verify.task_eval import evaluate_task as run_task
+    from mvlm_compile.verify.task_eval import load_task_golden, task_table
+
+    if engines is not None and len(artifacts) > 1:
+        raise click.UsageError("--engines applies to one ARTIFACTS only")
+    _check_report(report, *artifacts, golden)
+    load_task_golden(golden)  # a missing or damaged task file fails before any graph is loaded
+    evals = []
+    for path in artifacts:
+        with _open_backend(backend, path, engines, threads) as runner:  # INT4 activations fp32, as verify
+            tolerances = _recipe_tolerances(recipe, runner.manifest)
+            evals.append((str(path), run_task(runner, golden, tolerances, items, _progress(f"eval {path}"))))
+    record = {
+        "golden": str(golden),
+        "backend": backend,
+        "evaluations": [e.to_json() for _, e in evals],
+        "passed": all(e.passed for _, e in evals),
+    }
+    if report is not None:
+        write_json(report, record)
+    if as_json:
+        _echo_json(record)
+    else:
+        click.echo(task_table(evals))
+    failed = [name for name, e in evals if not e.passed]
+    if failed:
+        raise NumericalFailure(f"{', '.join(failed)}: answers below the task gate of the recipe's tolerances")
 
 
 @cli.command()

@@ -3,7 +3,7 @@ profiles (recipes/targets/targets.yaml: SM, memory, bandwidth, TensorRT builder)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ class Recipe:
     precision: dict[str, Any]
     defaults: dict[str, Any]
     path: Path
-    tolerances: dict[str, dict[str, float]]  # by precision; verify's defaults fill the gaps
+    tolerances: dict[str, dict[str, Any]]  # by precision; verify's defaults fill the gaps
+    calibration: dict[str, Any] = field(default_factory=dict)  # AWQ's data: e.g. {task: shapes, samples: 32}
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,17 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     missing = [k for k in ("name", "architecture", "precision", "defaults") if k not in data]
     if missing:
         raise MvlmError(f"{path}: recipe lacks {missing}")
+    calibration = data.get("calibration", {})
+    if not isinstance(calibration, dict):
+        raise MvlmError(f"{path}: 'calibration' must be a mapping (e.g. {{task: shapes, samples: 32}})")
     return Recipe(
-        data["name"], data["architecture"], data["precision"], data["defaults"], path, data.get("tolerances", {})
+        data["name"],
+        data["architecture"],
+        data["precision"],
+        data["defaults"],
+        path,
+        data.get("tolerances", {}),
+        calibration,
     )
 
 

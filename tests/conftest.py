@@ -13,6 +13,8 @@ GOLDEN_TINY = REPO / "golden" / "tiny"
 # The seed-0 tiny model after export, optimize and quantize (`make tiny-bundle`; its golden
 # tensors are GOLDEN_TINY). tests/test_build_pipeline.py checks it is what the code makes now.
 TINY_BUNDLE = REPO / "tests" / "data" / "tiny-bundle"
+SHAPES_MODEL = REPO / "models" / "tiny-shapes"  # the committed model that answers (make tiny-model)
+GOLDEN_SHAPES = REPO / "golden" / "tiny-shapes"
 
 
 def copy_tiny_bundle(destination: Path) -> Path:
@@ -71,3 +73,38 @@ def save_graph_by_hand(model, artifacts: Path, name: str) -> None:
     save_model(model, manifest.graph_path(artifacts, name))
     manifest.record_graph(artifacts, name, entry["file"], entry["dtype"], entry["inputs"], entry["outputs"])
     manifest.save(artifacts)
+
+
+@pytest.fixture(scope="session")
+def shapes_fp32(tmp_path_factory) -> Path:
+    """FP32 export of the committed shapes model."""
+    from mvlm_compile.export.exporter import export_artifacts
+
+    out = tmp_path_factory.mktemp("shapes") / "fp32"
+    export_artifacts(SHAPES_MODEL, out, dtype="fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes_fp16(tmp_path_factory) -> Path:
+    """FP16 export of the committed shapes model, optimized: what `build` quantizes."""
+    from mvlm_compile.export.exporter import export_artifacts
+    from mvlm_compile.manifest import keep_reference
+    from mvlm_compile.surgery import optimize_artifacts
+
+    out = tmp_path_factory.mktemp("shapes") / "fp16"
+    export_artifacts(SHAPES_MODEL, out, dtype="fp16")
+    keep_reference(out)
+    optimize_artifacts(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes_int4(shapes_fp16, tmp_path_factory) -> Path:
+    """The deployed form: INT4 decoder and FP16 vision/projector with the recipe's settings
+    (AWQ, group 32, calibrated on the task's train split)."""
+    from mvlm_compile.quantize import quantize_artifacts
+
+    out = tmp_path_factory.mktemp("shapes") / "int4-awq"
+    quantize_artifacts(shapes_fp16, out=out)
+    return out

@@ -30,8 +30,23 @@ from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
 from mvlm_compile.model.tokenizer import load_tokenizer
 
 GOLDEN_QUESTION = "What is in the image? Describe it in detail."
+TASK_FILE = "task.json"
 GOLDEN_NEW_TOKENS = 32
 RUNNER_NAME = "pytorch-reference-fp32"
+
+
+def checkpoint_task(cfg) -> dict | None:
+    """The task a checkpoint was trained on (config.json's `mvlm_compile_task`), checked to be ours."""
+    task = cfg.raw.get("mvlm_compile_task")
+    if task is None:
+        return None
+    from mvlm_compile.tinytask.dataset import TASK_NAME, TASK_VERSION
+
+    if not isinstance(task, dict) or task.get("name") != TASK_NAME or task.get("version") != TASK_VERSION:
+        raise MvlmError(
+            f"{cfg.path}: mvlm_compile_task is {task!r}; this version knows task {TASK_NAME!r} version {TASK_VERSION}"
+        )
+    return {"name": TASK_NAME, "version": TASK_VERSION}
 
 
 def checkpoint_fingerprint(files: list[Path]) -> str:
@@ -65,16 +80,32 @@ def write_golden(
     checkpoint_dir: Path,
     out: Path,
     vision_tower: Path | None = None,
-    question: str = GOLDEN_QUESTION,
+    question: str | None = None,
     max_new_tokens: int = GOLDEN_NEW_TOKENS,
+    task_items: int | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
-    """Run the FP32 reference on the fixed inputs and write the golden directory; returns its manifest."""
+    """Run the FP32 reference on the fixed inputs and write the golden directory; returns its manifest.
+
+    A model trained on our shapes task (config.json's `mvlm_compile_task`) is asked about the
+    task's example image instead of golden_image(), and the directory also gets task.json: the
+    reference's answers to the first `task_items` eval items (default: all of them).
+    """
     torch.manual_seed(0)  # nothing below draws random numbers; fixed anyway for the record
     loaded = load_checkpoint(checkpoint_dir, vision_tower, dtype=torch.float32)
     model, cfg = loaded.model, loaded.config
     tokenizer = load_tokenizer(checkpoint_dir)
+    task = checkpoint_task(cfg)
 
-    image = golden_image()
+    if task is not None:
+        from mvlm_compile.tinytask.dataset import EXAMPLE_QUESTION, example_scene
+        from mvlm_compile.tinytask.scenes import draw_scene
+
+        image, question = draw_scene(example_scene()), question or EXAMPLE_QUESTION
+        image_note = "image.png = the shapes task's example scene (mvlm_compile.tinytask.dataset.example_scene)"
+    else:
+        image, question = golden_image(), question or GOLDEN_QUESTION
+        image_note = "image.png = mvlm_compile.model.preprocess.golden_image(): 400x300 RGB, made in code"
     pixel_values = torch.from_numpy(preprocess_image(image))
     image_features = model.encode_images(pixel_values)
     image_embeds = model.project(image_features)
@@ -114,6 +145,14 @@ def write_golden(
     )
     generated, margins = model.greedy_generate(inputs_embeds, max_new_tokens)
 
+    task_record = None
+    if task is not None:
+        from mvlm_compile.tinytask.reference import task_golden
+
+        encode = lambda text: tokenizer(text).input_ids  # noqa: E731
+        task_record = task_golden(
+            model, encode, tokenizer.decode, tokenizer.bos_token_id, tokenizer.eos_token_id, task_items, progress
+        )
     files = loaded.weight_files
     manifest = {
         "kind": "mvlm-compile golden tensors",
@@ -132,13 +171,14 @@ def write_golden(
         },
         "precision": "fp32",
         "seeds": {"torch": 0, "image": "golden_image() (deterministic, no seed)"},
-        "image": "image.png = mvlm_compile.model.preprocess.golden_image(): 400x300 RGB, made in code",
+        "image": image_note,
         "question": question,
         "runner_name": RUNNER_NAME,
         "components": {
             name: {"inputs": f"{name}.inputs.json", "outputs": f"{name}.outputs.json"} for name in contract.COMPONENTS
         },
         "generation": "generation.json",
+        **({"task": {"file": TASK_FILE, **task}} if task is not None else {}),
         "prompt_tokens": seq,
         "greedy_min_top2_margin": min(margins),
     }
@@ -164,5 +204,7 @@ def write_golden(
             {"prompt": prompt, "input_ids": input_ids, "max_new_tokens": max_new_tokens, "generated_ids": generated},
         )
         image.save(tmp / "image.png")  # the same image as a file, for `mvlm-compile run --image`
+        if task_record is not None:
+            write_json(tmp / TASK_FILE, task_record)
         write_json(tmp / "manifest.json", manifest)
     return manifest

@@ -93,8 +93,11 @@ class MobileVLMReference(nn.Module):
         return torch.cat([before, image_embeds.to(before.dtype), after], dim=1)
 
     @torch.no_grad()
-    def greedy_generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int) -> tuple[list[int], list[float]]:
-        """Greedy tokens through prefill + KV-cache decode steps (no early stop at EOS).
+    def greedy_generate(
+        self, inputs_embeds: torch.Tensor, max_new_tokens: int, eos: int | None = None
+    ) -> tuple[list[int], list[float]]:
+        """Greedy tokens through prefill + KV-cache decode steps, up to and including `eos` when
+        given (the golden run passes none: no early stop).
 
         Also returns each step's top-1 minus top-2 logit gap: how much numerical error a
         backend may make before that token can flip.
@@ -110,7 +113,7 @@ class MobileVLMReference(nn.Module):
             token = int(top2.indices[0])
             tokens.append(token)
             margins.append(float(top2.values[0] - top2.values[1]))
-            if step + 1 == max_new_tokens:
+            if step + 1 == max_new_tokens or token == eos:
                 break
             mask = torch.ones(1, seq + step + 1, dtype=torch.int64)
             positions = torch.tensor([[seq + step]], dtype=torch.int64)

@@ -11,6 +11,7 @@ SentencePiece itself on the 'v1' prompt before it is used.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,13 @@ _PROBE_QUESTIONS = (
 )
 
 
-def write_synthetic_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A LLaMA-style (SentencePiece-like BPE with byte fallback) tokenizer trained on a fixed corpus.
+def write_synthetic_tokenizer(
+    directory: Path, vocab_size: int, corpus: Sequence[str] = (), split_words: bool = False
+) -> None:
+    """A LLaMA-style (SentencePiece-like BPE with byte fallback) tokenizer trained on a fixed corpus
+    (the built-in one, or `corpus` when given: a model trained on a task gets its own words).
+    `split_words`: merges stop at spaces, as LLaMA's SentencePiece model's do (one token never
+    spans "red circle", so an unseen combination of seen words is still made of seen tokens).
 
     Special tokens as LLaMA: 0 <unk>, 1 <s>, 2 </s>; BOS is added to every encoding.
     """
@@ -52,7 +58,7 @@ def write_synthetic_tokenizer(directory: Path, vocab_size: int) -> None:
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=split_words)
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
@@ -61,7 +67,7 @@ def write_synthetic_tokenizer(directory: Path, vocab_size: int) -> None:
         special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator(list(corpus or _CORPUS) * 4, trainer=trainer)
     # The trainer registers the byte tokens as special (so decoding would drop them); like
     # LLaMA's, they must be ordinary vocabulary entries that ByteFallback decodes.
     spec = json.loads(tokenizer.to_str())

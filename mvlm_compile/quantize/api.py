@@ -93,6 +93,11 @@ def _fp16_equivalent_bytes(model: onnx.ModelProto) -> int:
     return int(total)
 
 
+def _recipe_of(manifest: Manifest):
+    name = manifest.model.get("recipe")
+    return load_recipe(name) if name else None
+
+
 def resolve_settings(manifest: Manifest, **overrides: Any) -> QuantizeSettings:
     """Settings from the recipe the artifacts were exported with (an error if it cannot be
     read: never a silent fallback to defaults), then `overrides`."""
@@ -257,7 +262,7 @@ def quantize_artifacts(
     with directory_lock(src, exclusive=out is None):
         manifest = load_manifest(src)
         settings = settings or resolve_settings(manifest)
-        spec = calibration or calib.CalibrationSpec()
+        spec = calibration or calib.spec_for_recipe(_recipe_of(manifest))
         return _quantize_locked(src, manifest, settings, spec, out, progress, stage_record or {})
 
 

@@ -24,6 +24,7 @@ from mvlm_compile.model.preprocess import golden_image, load_image, preprocess_i
 from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
 from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session
 from mvlm_compile.runtime.pipeline import Pipeline, decoder_feed, empty_kv_cache
+from mvlm_compile.tinytask.dataset import EVAL_SEED, TASK_NAME, TRAIN_SEED
 
 # (question, answer): the answer text makes the calibration see assistant-side positions too.
 CALIBRATION_TEXTS = (
@@ -70,13 +71,27 @@ def calibration_images() -> list[tuple[str, Image.Image]]:
 
 @dataclass
 class CalibrationSpec:
-    """What to calibrate on. `images`: a directory of image files instead of the built-in set."""
+    """What to calibrate on. `images`: a directory of image files instead of the built-in set;
+    `task`: a task model's own train split (images and questions with their answers)."""
 
     images: Path | None = None
     texts: Sequence[tuple[str, str]] = CALIBRATION_TEXTS
     max_samples: int = 6
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task != TASK_NAME:
+            raise MvlmError(f"calibration task {self.task!r}: the known task is {TASK_NAME!r}")
+        if not isinstance(self.max_samples, int) or self.max_samples < 1:
+            raise MvlmError(f"calibration samples {self.max_samples!r}: expected a positive integer")
 
     def describe(self) -> str:
+        if self.task is not None and self.images is None:
+            return (
+                f"{self.max_samples} sequences, batch 1: the first {self.max_samples} samples of the "
+                f"{self.task} task's train split (seed {TRAIN_SEED}: images, the first question and its answer); "
+                f"the eval split (seed {EVAL_SEED}) is never used"
+            )
         source = (
             f"images from {self.images}"
             if self.images
@@ -86,6 +101,43 @@ class CalibrationSpec:
             f"{self.max_samples} sequences at most, batch 1: {source}, "
             "v1-template questions with short answers (not the golden prompt)"
         )
+
+
+def spec_for_recipe(recipe) -> CalibrationSpec:
+    """The recipe's calibration data (`calibration: {task: shapes, samples: N}`), else the built-in set."""
+    if recipe is None or not recipe.calibration:
+        return CalibrationSpec()
+    settings = dict(recipe.calibration)
+    unknown = sorted(set(settings) - {"task", "samples"})
+    if unknown:
+        raise MvlmError(f"{recipe.path}: unknown calibration keys {unknown} (known: task, samples)")
+    return CalibrationSpec(task=settings.get("task"), max_samples=settings.get("samples", 32))
+
+
+def _task_samples(spec: CalibrationSpec) -> list[tuple[str, Image.Image, str, str]]:
+    """(name, image, question, answer) of the task's train split."""
+    from mvlm_compile.tinytask.dataset import calibration_samples
+    from mvlm_compile.tinytask.scenes import draw_scene
+
+    return [
+        (f"train sample {i}", draw_scene(sample.scene), sample.turns[0].question, sample.turns[0].answer)
+        for i, sample in enumerate(calibration_samples(spec.max_samples))
+    ]
+
+
+def _image_samples(spec: CalibrationSpec) -> list[tuple[str, Image.Image, str, str]]:
+    """(name, image, question, answer): the images (a directory's, or built in) with the texts in turn."""
+    if spec.images is not None:
+        files = sorted(
+            p for p in Path(spec.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+        )
+        if not files:
+            raise MvlmError(f"--calib-images {spec.images}: no image files (.png, .jpg, .jpeg, .bmp, .webp)")
+        images = [(p.name, load_image(p)) for p in files]
+    else:
+        images = calibration_images()
+    count = min(spec.max_samples, max(len(images), len(spec.texts)))
+    return [(*images[i % len(images)], *spec.texts[i % len(spec.texts)]) for i in range(count)]
 
 
 @dataclass
@@ -110,15 +162,7 @@ def calibration_sequences(
     artifacts: Path, manifest: Manifest, spec: CalibrationSpec, progress=lambda m: None
 ) -> tuple[list[np.ndarray], list[dict]]:
     """inputs_embeds [1, seq, hidden] per calibration sample, through the FP32/FP16 vision and projector graphs."""
-    if spec.images is not None:
-        files = sorted(
-            p for p in Path(spec.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-        )
-        if not files:
-            raise MvlmError(f"--calib-images {spec.images}: no image files (.png, .jpg, .jpeg, .bmp, .webp)")
-        images = [(p.name, load_image(p)) for p in files]
-    else:
-        images = calibration_images()
+    samples = _task_samples(spec) if spec.task is not None and spec.images is None else _image_samples(spec)
     # Only vision and projector sessions open here: the decoder (5.6 GB at 1.7B FP32) is run
     # by collect() with its Linear inputs exposed.
     encode = _tokenizer_encode(artifacts, manifest)
@@ -126,11 +170,8 @@ def calibration_sequences(
     embeds, described = [], []
     with OrtBackend(artifacts, manifest) as backend:
         pipeline = Pipeline(backend)
-        count = min(spec.max_samples, max(len(images), len(spec.texts)))
-        for i in range(count):
-            name, image = images[i % len(images)]
-            question, answer = spec.texts[i % len(spec.texts)]
-            progress(f"calibration sequence {i + 1}/{count}: {name}")
+        for i, (name, image, question, answer) in enumerate(samples):
+            progress(f"calibration sequence {i + 1}/{len(samples)}: {name}")
             ids = tokenize_with_image(f"{build_prompt(question)} {answer}", encode, bos)
             image_embeds = pipeline.image_embeds(preprocess_image(image))
             sequence = pipeline.splice(ids, image_embeds)

@@ -80,15 +80,16 @@ class Pipeline:
         present = [out[name] for name in contract.decoder_output_names(self.num_layers)[1:]]
         return out[contract.DECODER_LOGITS][:, -1].astype(np.float32), present
 
-    def greedy(self, inputs_embeds: np.ndarray, max_new_tokens: int) -> list[int]:
-        """Greedy tokens for one sequence (no stop at EOS: the golden run has none)."""
+    def greedy(self, inputs_embeds: np.ndarray, max_new_tokens: int, eos: int | None = None) -> list[int]:
+        """Greedy tokens for one sequence, up to and including `eos` when given (the golden run
+        has no stop: it passes none)."""
         if max_new_tokens < 1:
             return []
         logits, past = self.step(inputs_embeds, self.empty_cache())
         tokens: list[int] = []
         while True:
             tokens.append(int(logits[0].argmax()))
-            if len(tokens) == max_new_tokens:
+            if len(tokens) == max_new_tokens or tokens[-1] == eos:
                 return tokens
             logits, past = self.step(self.embed([tokens[-1]]), past)
 

@@ -1,11 +1,12 @@
 """The train and eval splits of the shapes task, deterministic from fixed seeds (no torch).
 
-Train: an endless stream of scenes (index -> scene), each with a question/answer turn of every
-kind in training phrasings, never showing a held-out combination: five colour+shape pairs
-and two shape+position pairs. Eval: a fixed list of single questions drawn from another seed;
-the kinds of question take turns, every other group of five items shows a held-out
-combination (and asks about that shape), and the phrasings include those kept out of training.
-Calibration data for quantization comes from the train split (`calibration_samples`).
+Train: an endless stream of scenes (index -> scene), each with question/answer turns in training
+phrasings (the count, the description, and the shape, colour and position of every shape),
+never showing a held-out combination: five colour+shape pairs and two shape+position pairs.
+Eval: a fixed list of single questions drawn from another seed; the kinds of question take
+turns, every other group of five items shows a held-out combination (and asks about that
+shape), and the phrasings include those kept out of training. Calibration data for
+quantization comes from the train split (`calibration_samples`).
 """
 
 from __future__ import annotations
@@ -64,9 +65,13 @@ def train_sample(index: int, seed: int = TRAIN_SEED) -> TrainSample:
     """Scene `index` of the train split and its question/answer turns."""
     scene = _scene_where((seed, index), held_out=False)
     rng = np.random.default_rng([seed, index, 0x0A])
-    # Every kind of question once, in random order: the first turn is the runtime's prompt, the
-    # others make each image's 144 tokens (the costly part of a step) pay for more answers.
-    turns = tuple(make_qa(rng, scene, KINDS[int(k)]) for k in rng.permutation(len(KINDS)))
+    # The count, the description, and the shape, colour and position of every shape, in random
+    # order: the first turn is the runtime's prompt; the others make each image's 144 tokens (the
+    # costly part of a step) pay for more answers, most of them about finding one named shape.
+    asks = [("count", None), ("describe", None)] + [
+        (kind, shape) for shape in scene.shapes for kind in ("shape", "colour", "position")
+    ]
+    turns = tuple(make_qa(rng, scene, *asks[int(i)]) for i in rng.permutation(len(asks)))
     return TrainSample(scene, turns)
 
 

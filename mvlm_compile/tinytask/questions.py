@@ -4,8 +4,9 @@ Kinds: the shape of an object (named by its colour or its position, or the only 
 colour of an object (named by its kind or its position), the count, the position of an object
 (named by its kind or its colour) and a one-sentence description. Phrasings come with the
 spelling variants a user may type (colour/color) and, at random, a lower-case first letter or
-no final punctuation. One phrasing of each kind is kept out of training (`train=False`): the
-eval split asks it too, so that a wording the model never saw is measured.
+no final punctuation. One phrasing of each kind of question and way of naming the shape is kept
+out of training (`train=False`): the eval split asks it too, so that a wording the model never
+saw is measured.
 """
 
 from __future__ import annotations
@@ -36,45 +37,62 @@ TEMPLATES: tuple[Template, ...] = (
     Template("shape", "only", "What shape is in the image?"),
     Template("shape", "only", "What shape do you see?"),
     Template("shape", "only", "Which shape is shown?"),
+    Template("shape", "only", "What is this shape?"),
+    Template("shape", "only", "What shape is this?"),
     Template("shape", "only", "Name the shape in the picture.", train=False),
     Template("shape", "colour", "What shape is the {colour} one?"),
     Template("shape", "colour", "Which shape is {colour}?"),
     Template("shape", "colour", "What is the {colour} shape?"),
+    Template("shape", "colour", "What shape is the {colour} object?"),
+    Template("shape", "colour", "Which shape has the {colour} {c}?"),
     Template("shape", "colour", "What kind of shape is the {colour} object?", train=False),
     Template("shape", "slot", "What shape is {where}?"),
     Template("shape", "slot", "Which shape is {where}?"),
     Template("shape", "slot", "What is the shape {where}?"),
+    Template("shape", "slot", "Which object is {where}?"),
+    Template("shape", "slot", "What do you see {where}?"),
     Template("shape", "slot", "What kind of shape do you see {where}?", train=False),
     # colour of an object
     Template("colour", "kind", "What {c} is the {shape}?"),
     Template("colour", "kind", "What is the {c} of the {shape}?"),
     Template("colour", "kind", "Which {c} is the {shape}?"),
     Template("colour", "kind", "What {c} does the {shape} have?"),
+    Template("colour", "kind", "What {c} is the {shape} in the image?"),
     Template("colour", "kind", "Tell me the {c} of the {shape}.", train=False),
     Template("colour", "slot", "What {c} is the shape {where}?"),
     Template("colour", "slot", "What is the {c} of the shape {where}?"),
+    Template("colour", "slot", "What {c} is the object {where}?"),
     Template("colour", "slot", "Which {c} is the object {where}?", train=False),
     Template("colour", "only", "What {c} is the shape?"),
     Template("colour", "only", "What is the {c} of the shape in the image?"),
+    Template("colour", "only", "Which {c} is the shape?"),
     # count
     Template("count", "", "How many shapes are there?"),
     Template("count", "", "How many shapes are in the image?"),
     Template("count", "", "How many objects can you see?"),
     Template("count", "", "Count the shapes."),
+    Template("count", "", "How many shapes do you see?"),
+    Template("count", "", "How many objects are in the picture?"),
     Template("count", "", "What is the number of shapes in the picture?", train=False),
     # position of an object
     Template("position", "kind", "Where is the {shape}?"),
     Template("position", "kind", "Where is the {shape} located?"),
     Template("position", "kind", "In which part of the image is the {shape}?"),
+    Template("position", "kind", "Where can you see the {shape}?"),
+    Template("position", "kind", "Where is the {shape} in the picture?"),
     Template("position", "kind", "What is the position of the {shape}?", train=False),
     Template("position", "colour", "Where is the {colour} shape?"),
     Template("position", "colour", "Where is the {colour} object?"),
-    Template("position", "colour", "Where can you see the {colour} shape?", train=False),
+    Template("position", "colour", "Where is the {colour} one?"),
+    Template("position", "colour", "In which part of the image is the {colour} shape?"),
+    Template("position", "colour", "Where can you find the {colour} shape?", train=False),
     # description
     Template("describe", "", "Describe the image in one sentence."),
     Template("describe", "", "What is in the image?"),
     Template("describe", "", "What do you see?"),
     Template("describe", "", "Describe this picture briefly."),
+    Template("describe", "", "What does the image show?"),
+    Template("describe", "", "Describe the image."),
     Template("describe", "", "Give a one-sentence description of the image.", train=False),
 )
 

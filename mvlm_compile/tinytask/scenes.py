@@ -30,12 +30,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (240, 130, 25),
 }
 COLOUR_JITTER = 16
-# Slot centres: the middle of each side, far enough apart that shapes never overlap
-# (largest radius 42 * 1.25 + jitter 10 < half the 119 px between neighbouring slots).
-SLOTS: dict[str, tuple[int, int]] = {"top": (168, 78), "left": (78, 168), "right": (258, 168), "bottom": (168, 258)}
+# Slot centres: the middle of each side, far enough apart that shapes never overlap (twice the
+# largest extent, 1.25 * 44, plus the jitter along the diagonal, 2 * 8 * sqrt(2), is less than the
+# 138 px between neighbouring slots) and never leave the image (70 - 55 - 8 > 0).
+SLOTS: dict[str, tuple[int, int]] = {"top": (168, 70), "left": (70, 168), "right": (266, 168), "bottom": (168, 266)}
 SLOT_ORDER = ("top", "left", "right", "bottom")  # reading order: descriptions list shapes in it
-POSITION_JITTER = 10
-RADIUS_RANGE = (24, 42)
+POSITION_JITTER = 8
+# Big enough that each shape spans several 14-pixel patches (a star's points included).
+RADIUS_RANGE = (28, 44)
 MAX_ROTATION_DEG = 8.0
 BACKGROUNDS = ("plain", "gradient", "noise", "stripes", "checker")
 
@@ -151,9 +153,12 @@ def _neutral(rng: np.random.Generator, low: int = 60, high: int = 215) -> np.nda
     return float(rng.integers(low, high + 1)) + rng.uniform(-10, 10, 3)
 
 
+_GRID = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)  # (y, x), shared by every background
+
+
 def draw_background(rng: np.random.Generator, kind: str, size: int = IMAGE_SIZE) -> np.ndarray:
     """float [size, size, 3] in 0..255."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    y, x = _GRID if size == IMAGE_SIZE else np.mgrid[0:size, 0:size].astype(np.float32)
     first, second = _neutral(rng), _neutral(rng)
     if kind == "plain":
         return np.broadcast_to(first, (size, size, 3)).astype(np.float32)
@@ -163,7 +168,8 @@ def draw_background(rng: np.random.Generator, kind: str, size: int = IMAGE_SIZE)
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         return (first * (1 - t[..., None]) + second * t[..., None]).astype(np.float32)
     if kind == "noise":
-        return (first + rng.normal(0, rng.uniform(5, 14), (size, size, 3))).astype(np.float32)
+        sigma = rng.uniform(5, 14)
+        return first.astype(np.float32) + np.float32(sigma) * rng.standard_normal((size, size, 3), np.float32)
     if kind == "stripes":
         period = float(rng.uniform(14, 40))
         angle = rng.choice([0.0, math.pi / 2, math.pi / 4, 3 * math.pi / 4])
