@@ -149,9 +149,14 @@ def write_golden(
     if task is not None:
         from mvlm_compile.tinytask.reference import task_golden
 
-        encode = lambda text: tokenizer(text).input_ids  # noqa: E731
         task_record = task_golden(
-            model, encode, tokenizer.decode, tokenizer.bos_token_id, tokenizer.eos_token_id, task_items, progress
+            model,
+            tokenizer.encode,
+            tokenizer.decode,
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            task_items,
+            progress,
         )
     files = loaded.weight_files
     manifest = {
