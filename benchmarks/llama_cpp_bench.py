@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mvlm_compile.bundle import resolve_artifacts
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.fileio import write_bytes, write_json
 from mvlm_compile.table import render_table
@@ -428,10 +429,9 @@ def plot(report: dict, path: Path) -> None:
 
 def ours_config(artifacts: Path) -> dict:
     """What our decoder is, from its manifest: export precision, INT4 method/group, kept layers."""
-    from mvlm_compile.bundle import resolve_artifacts
     from mvlm_compile.manifest import load_manifest
 
-    manifest = load_manifest(resolve_artifacts(artifacts)[1])
+    manifest = load_manifest(artifacts)
     quantize, export = manifest.stages.get("quantize", {}), manifest.stages.get("export", {})
     return {
         "decoder": manifest.graphs["decoder"].get("dtype"),
@@ -464,12 +464,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(opts: argparse.Namespace) -> int:
+    # The inputs first: a wrong path is an error (2) even where the benchmark would be skipped (3).
+    if opts.threads < 1 or opts.repeats < 1 or opts.decode_steps < 1 or opts.check_tokens < 2:
+        raise MvlmError("--threads, --repeats and --decode-steps must be at least 1, --check-tokens at least 2")
+    if min(opts.prefill + opts.depths) < 1:
+        raise MvlmError("--prefill and --depths: lengths must be at least 1")
+    if not (opts.checkpoint / "config.json").is_file():
+        raise MvlmError(f"--checkpoint {opts.checkpoint}: not a checkpoint (no config.json)")
+    artifacts = resolve_artifacts(opts.artifacts)[1]
     missing = missing_deps()
     if missing:
         print(f"llama_cpp_bench: skipped, {', '.join(missing)} not installed: {INSTALL_HINT}", file=sys.stderr)
         return EXIT_SKIPPED
-    if opts.threads < 1 or opts.repeats < 1 or opts.decode_steps < 1 or opts.check_tokens < 2:
-        raise MvlmError("--threads, --repeats and --decode-steps must be at least 1, --check-tokens at least 2")
     from mvlm_compile.runtime.backend import open_backend
     from mvlm_compile.runtime.pipeline import Pipeline
 
@@ -518,7 +524,7 @@ def run(opts: argparse.Namespace) -> int:
     timings = {"ours": {"prefill": {}, "decode": {}}, "llama_cpp": {"prefill": {}, "decode": {}}}
     tokens = rng.integers(3, cfg.vocab_size, longest)
     peer = LlamaCpp(q4, longest, opts.threads)
-    with open_backend("ort", _artifacts(opts.artifacts), threads=opts.threads, int4_activations="int8") as backend:
+    with open_backend("ort", artifacts, threads=opts.threads, int4_activations="int8") as backend:
         ours = Ours(Pipeline(backend))
         accuracy["llama_cpp_q4_0"] = compare_logits(teacher_forced(peer.decode, check), reference)
         accuracy["ours_int4"] = compare_logits(teacher_forced(ours.decode, check), reference)
@@ -559,7 +565,7 @@ def run(opts: argparse.Namespace) -> int:
             "llama_cpp_context": peer.settings,
         },
         "weights": {
-            "ours": ours_config(opts.artifacts),
+            "ours": ours_config(artifacts),
             "llama_cpp_q4_0": {**tensor_types(q4), "scheme": "Q4_0: 32-weight blocks, one FP16 scale, symmetric"},
             "llama_cpp_f16": str(f16),
         },
@@ -598,12 +604,6 @@ def run(opts: argparse.Namespace) -> int:
     print(table)
     print(f"report: {path}\nplot: {path.with_suffix('.png')}")
     return 0
-
-
-def _artifacts(path: Path) -> Path:
-    from mvlm_compile.bundle import resolve_artifacts
-
-    return resolve_artifacts(path)[1]
 
 
 if __name__ == "__main__":
