@@ -256,18 +256,25 @@ class LlamaCpp:
 
 
 class Ours:
-    """Our runtime, only through its public API (Pipeline over open_backend), as `bench` drives it."""
+    """Our runtime, only through its public API (Pipeline over open_backend), as `bench` drives it.
+
+    Pipeline.prefill(embeds) / decode(token) is the runtime that owns an in-place cache (issue
+    15); until that is merged, Pipeline.step(embeds, past) with a cache the caller carries. The
+    step() branch goes when every branch has the new runtime."""
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
-        self.cache = pipeline.empty_cache()
+        self.past = None
 
     def reset(self) -> None:
-        self.cache = self.pipeline.empty_cache()
+        self.past = None
 
     def decode(self, tokens: Sequence[int], start: int) -> np.ndarray:
-        """`tokens` after the cache (start is implied by it); the last position's logits."""
-        logits, self.cache = self.pipeline.step(self.pipeline.embed(list(tokens)), self.cache)
+        """`tokens` at positions start.. (a prefill when start is 0, else one token); the last logits."""
+        p = self.pipeline
+        if hasattr(p, "prefill"):
+            return p.prefill(p.embed(list(tokens))) if start == 0 else p.decode(int(tokens[0]))
+        logits, self.past = p.step(p.embed(list(tokens)), self.past if start else p.empty_cache())
         return logits
 
 
@@ -530,9 +537,9 @@ def run(opts: argparse.Namespace) -> int:
         accuracy["ours_int4"] = compare_logits(teacher_forced(ours.decode, check), reference)
         progress(f"Q4_0 vs FP32: {accuracy['llama_cpp_q4_0']}; ours INT4 vs FP32: {accuracy['ours_int4']}")
         sides = {"ours": ours, "llama_cpp": peer}
-        progress("warm-up: the longest prefill and a decode step on each side")
+        progress("warm-up: the longest prefill and two decode steps on each side")
         for runner in sides.values():
-            one_pass(runner, tokens, [longest - opts.decode_steps], [], 0, {"prefill": {}, "decode": {}})
+            one_pass(runner, tokens, [max(opts.prefill)], [min(opts.depths)], 2, {"prefill": {}, "decode": {}})
         load_before = os.getloadavg()
         started = time.time()
         for r in range(opts.repeats):
