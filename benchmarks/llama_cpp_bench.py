@@ -442,7 +442,7 @@ def ours_config(artifacts: Path) -> dict:
     quantize, export = manifest.stages.get("quantize", {}), manifest.stages.get("export", {})
     return {
         "decoder": manifest.graphs["decoder"].get("dtype"),
-        "activations": export.get("dtype"),
+        "graph_dtype": export.get("dtype"),
         "method": quantize.get("method"),
         "group_size": quantize.get("group_size"),
         "kept_unquantized": quantize.get("keep_fp16"),
