@@ -381,9 +381,9 @@ def render(report: dict) -> str:
         rows.append(
             [
                 f"prefill {n}",
-                f"{o['median_ms']:.0f} ({o['p10_ms']:.0f}-{o['p90_ms']:.0f})",
+                f"{o['median_ms']:.0f} ({o['p10_ms']:.0f}-{o['p90_ms']:.0f}) {o['min_ms']:.0f}",
                 f"{entry['ours_tokens_per_s']:.1f}",
-                f"{p['median_ms']:.0f} ({p['p10_ms']:.0f}-{p['p90_ms']:.0f})",
+                f"{p['median_ms']:.0f} ({p['p10_ms']:.0f}-{p['p90_ms']:.0f}) {p['min_ms']:.0f}",
                 f"{entry['llama_cpp_tokens_per_s']:.1f}",
                 f"{entry['speedup']:.2f}",
             ]
@@ -393,9 +393,9 @@ def render(report: dict) -> str:
         rows.append(
             [
                 f"decode step, past {n}",
-                f"{o['median_ms']:.1f} ({o['p10_ms']:.1f}-{o['p90_ms']:.1f})",
+                f"{o['median_ms']:.1f} ({o['p10_ms']:.1f}-{o['p90_ms']:.1f}) {o['min_ms']:.1f}",
                 f"{entry['ours_tokens_per_s']:.1f}",
-                f"{p['median_ms']:.1f} ({p['p10_ms']:.1f}-{p['p90_ms']:.1f})",
+                f"{p['median_ms']:.1f} ({p['p10_ms']:.1f}-{p['p90_ms']:.1f}) {p['min_ms']:.1f}",
                 f"{entry['llama_cpp_tokens_per_s']:.1f}",
                 f"{entry['speedup']:.2f}",
             ]
@@ -403,7 +403,7 @@ def render(report: dict) -> str:
     growth = report["decode_growth_us_per_past_token"]
     if growth["ours"] is not None:
         rows.append(["decode growth, us/past token", f"{growth['ours']:.1f}", "", f"{growth['llama_cpp']:.1f}", "", ""])
-    header = ["", "ours ms median (p10-p90)", "tok/s", "llama.cpp ms median (p10-p90)", "tok/s", "ours/llama.cpp"]
+    header = ["", "ours ms: median (p10-p90) min", "tok/s", "llama.cpp ms: median (p10-p90) min", "tok/s", "ours speedup"]
     machine = report["machine"]
     return (
         render_table(header, rows)
@@ -426,11 +426,19 @@ def plot(report: dict, path: Path) -> None:
         med = np.array([report["decode"][str(n)][side]["median_ms"] for n in depths])
         lo = med - np.array([report["decode"][str(n)][side]["p10_ms"] for n in depths])
         hi = np.array([report["decode"][str(n)][side]["p90_ms"] for n in depths]) - med
-        ax.errorbar(depths, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        line = ax.errorbar(depths, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        # The minimum too: on a busy machine it is the run least disturbed by other processes.
+        mins = [report["decode"][str(n)][side]["min_ms"] for n in depths]
+        ax.plot(depths, mins, linestyle=":", marker=".", color=line[0].get_color(), label=f"{label}, min")
     ax.set_xlabel("past length (tokens)")
     ax.set_ylabel("decode step (ms, median, p10-p90)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{report['model']}: decode step, {report['settings']['threads']} threads")
+    load = report["machine"]["loadavg_before"][0], report["machine"]["loadavg_after"][0]
+    ax.set_title(
+        f"{report['model']}: decode step, {report['settings']['threads']} threads, "
+        f"load {load[0]:.1f}-{load[1]:.1f} on {report['machine']['cpus']} CPUs",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     buffer = io.BytesIO()
