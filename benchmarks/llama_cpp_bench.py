@@ -403,7 +403,7 @@ def render(report: dict) -> str:
     growth = report["decode_growth_us_per_past_token"]
     if growth["ours"] is not None:
         rows.append(["decode growth, us/past token", f"{growth['ours']:.1f}", "", f"{growth['llama_cpp']:.1f}", "", ""])
-    header = ["", "ours ms: median (p10-p90) min", "tok/s", "llama.cpp ms: median (p10-p90) min", "tok/s", "ours speedup"]
+    header = ["", "ours ms: median (p10-p90) min", "tok/s", "llama.cpp ms: median (p10-p90) min", "tok/s", "speedup"]
     machine = report["machine"]
     return (
         render_table(header, rows)
