@@ -59,13 +59,19 @@ lint-fix: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 # Full-size synthetic 1.7B: the main job (build + verify) end to end, export time/memory, quantization accuracy/time/memory, and
-# ONNX Runtime (INT4) vs PyTorch eager speed. Long (tens of minutes) and ~20 GB of disk.
+# ONNX Runtime (INT4) vs PyTorch eager speed, the lm_head precision study, and (with the [bench] extra
+# installed) ours against llama.cpp Q4_0. Long (tens of minutes) and ~20 GB of disk.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/build_bench.py --preset mobilevlm-v2-1.7b --target orin-agx-64gb --workdir $(BENCH_DIR)
 	$(BIN)/python benchmarks/export_bench.py --preset mobilevlm-v2-1.7b --dtype fp32 --workdir $(BENCH_DIR)
 	$(BIN)/python benchmarks/quantize_bench.py --preset mobilevlm-v2-1.7b --workdir $(BENCH_DIR)
 	$(BIN)/mvlm-compile bench $(BENCH_DIR)/mobilevlm-v2-1.7b-int4-awq --checkpoint $(BENCH_DIR)/mobilevlm-v2-1.7b-checkpoint \
 	  --report $(BENCH_DIR)/runtime_bench-1.7b.json
+	$(BIN)/python benchmarks/lm_head_study.py --checkpoint $(BENCH_DIR)/mobilevlm-v2-1.7b-checkpoint \
+	  --report $(BENCH_DIR)/lm_head_study-1.7b.json
+	status=0; $(BIN)/python benchmarks/llama_cpp_bench.py --checkpoint $(BENCH_DIR)/mobilevlm-v2-1.7b-checkpoint \
+	  --artifacts $(BENCH_DIR)/mobilevlm-v2-1.7b-int4-rtn --workdir $(BENCH_DIR) || status=$$?; \
+	  test $$status -eq 0 -o $$status -eq 3  # 3: skipped, the [bench] extra (llama.cpp) is not installed
 	$(BIN)/python benchmarks/peg_kernel_bench.py || echo "peg_kernel_bench: needs a CUDA GPU"
 	$(BIN)/python benchmarks/task_bench.py --workdir $(BENCH_DIR)/task
 
