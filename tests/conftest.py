@@ -108,3 +108,22 @@ def shapes_int4(shapes_fp16, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes") / "int4-awq"
     quantize_artifacts(shapes_fp16, out=out)
     return out
+
+
+def run_cli_without_torch(args: list[str]):
+    """The CLI in a subprocess where importing torch or transformers fails, as on a JetPack
+    without them: the target side (build from a bundle, verify, eval, run) must not need them."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ImportError(f'{name} is not installed on this Jetson')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from mvlm_compile.cli import main\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True)

@@ -8,7 +8,7 @@ import json
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_BUNDLE
+from conftest import TINY_BUNDLE, run_cli_without_torch
 
 from mvlm_compile.cli import cli
 from mvlm_compile.errors import EXIT_ENGINES_DEFERRED, EXIT_INPUT_ERROR
@@ -120,20 +120,7 @@ def test_bundle_or_checkpoint_is_required(tmp_path, tiny_checkpoint):
 
 def test_the_target_side_never_imports_torch_or_transformers(bundle, tmp_path):
     """build (from the bundle), verify and run as on a JetPack without torch/transformers."""
-    import subprocess
-    import sys
-
     out, _ = bundle
-    blocker = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
-        "            raise ImportError(f'{name} is not installed on this Jetson')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from mvlm_compile.cli import main\n"
-        "main()\n"
-    )
     commands = [
         (["build", str(out), "--target", "orin-nx-16gb"], EXIT_ENGINES_DEFERRED),
         (["verify", str(out), "--golden", str(out / "golden")], 0),
@@ -152,5 +139,5 @@ def test_the_target_side_never_imports_torch_or_transformers(bundle, tmp_path):
         ),
     ]
     for args, status in commands:
-        done = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True)
+        done = run_cli_without_torch(args)
         assert done.returncode == status, (args, done.stderr[-2000:])

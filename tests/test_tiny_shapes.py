@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import GOLDEN_SHAPES, SHAPES_MODEL
+from conftest import GOLDEN_SHAPES, SHAPES_MODEL, run_cli_without_torch
 from safetensors import safe_open
 
 from mvlm_compile import contract
@@ -209,19 +209,6 @@ def test_run_answers_on_the_committed_example_image(shapes_int4, question, expec
 
 def test_eval_verify_and_run_never_import_torch(shapes_int4):
     """The Jetson side of the task: images redrawn with numpy + PIL, answers through ONNX Runtime."""
-    import subprocess
-    import sys
-
-    blocker = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
-        "            raise ImportError(f'{name} is not installed on this Jetson')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from mvlm_compile.cli import main\n"
-        "main()\n"
-    )
     commands = [
         ["eval", str(shapes_int4), "--golden", str(GOLDEN_SHAPES), "--items", "3"],
         ["verify", str(shapes_int4), "--golden", str(GOLDEN_SHAPES), "--task-items", "3"],
@@ -235,6 +222,6 @@ def test_eval_verify_and_run_never_import_torch(shapes_int4):
         ],
     ]
     for args in commands:
-        done = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True)
+        done = run_cli_without_torch(args)
         assert done.returncode == 0, (args, done.stderr[-2000:])
     assert done.stdout.strip() == "Three."
