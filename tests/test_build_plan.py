@@ -50,10 +50,14 @@ def test_1p7b_weights_and_kv_cache_by_hand():
     # ViT-L/14 up to layer 23: 23 x (4 x 1024^2 + 2 x 1024 x 4096) + embeddings, FP16.
     vision = 23 * (4 * 1024**2 + 2 * 1024 * 4096) + 577 * 1024 + 3 * 14 * 14 * 1024
     assert items["vision weights (fp16)"] == pytest.approx(vision * 2)
-    # K and V, 24 layers, 16 heads x 128, 2048 positions, FP16, past and present buffers.
+    # K and V, 24 layers, 16 heads x 128, 2048 positions, FP16: the one cache the runtime preallocates
+    # (its steps write their rows into it; nothing holds a past and a present copy).
     assert settings.context == 2048
     kv_key = next(k for k in items if k.startswith("KV cache"))
-    assert items[kv_key] == pytest.approx(2 * (2 * 24 * 16 * 128 * 2048) * 2)
+    assert items[kv_key] == pytest.approx((2 * 24 * 16 * 128 * 2048) * 2)
+    # The runtime's own buffers: the longest prompt's FP16 embeddings and int64 positions, one FP16 logits row.
+    runtime_key = next(k for k in items if k.startswith("runtime buffers"))
+    assert items[runtime_key] == pytest.approx(settings.max_prompt * (2048 * 2 + 8) + 32000 * 2)
     assert plan.fits
 
 
@@ -80,11 +84,14 @@ def test_decoder_profiles_prefill_and_decode():
     _, _, geometry, settings, _ = _plan("mobilevlm-v2-1.7b", "orin-nx-16gb")
     prefill, decode = optimization_profiles(geometry, settings)["decoder"]
     past = contract.past_names(23)[1]
-    assert prefill[past] == [[1, 16, 0, 128]] * 3  # no past in prefill
+    assert prefill[past] == [[0, 1, 16, 128]] * 3  # no past in prefill; the sequence axis first
     assert prefill[contract.DECODER_EMBEDS][2] == [1, settings.max_prompt, 2048]
+    # The runtime asks for one position's logits; verification for every prompt position.
+    assert prefill[contract.DECODER_LOGITS_INDEX] == [[1], [1], [settings.max_prompt]]
     assert decode[contract.DECODER_EMBEDS] == [[1, 1, 2048]] * 3
-    assert decode[past][2] == [1, 16, settings.context - 1, 128]
-    assert decode[contract.DECODER_MASK][2] == [1, settings.context]
+    assert decode[past][0] == [1, 1, 16, 128]  # a decode step always follows a past
+    assert decode[past][2] == [settings.context - 1, 1, 16, 128]
+    assert decode[contract.DECODER_LOGITS_INDEX] == [[1]] * 3
     assert settings.max_prompt < settings.context
 
 

@@ -134,21 +134,19 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
     linear_params = g.layers * (attention + 3 * g.hidden * g.mlp)
     table = g.vocab * g.hidden
     group = int(decoder.get("group_size", 128))
-    kv_elems = 2 * g.layers * settings.batch * g.kv_heads * g.head_dim * settings.context
-    # The graph takes past and returns past+seq (present): both live at once during a step.
-    kv_bytes = 2 * kv_elems * FP16
+    # One cache preallocated at the context by the runtime (runtime/kv_cache.py): each step reads
+    # the past from it and writes its new rows into it, so nothing else holds K/V.
+    kv_bytes = 2 * g.layers * settings.batch * g.kv_heads * g.head_dim * settings.context * FP16
     prefill_tokens = settings.batch * settings.max_prompt
+    # One execution context per engine, so one activation block each: TensorRT sizes it for the
+    # largest profile, the prefill (the decoder) and the vision batch. Logits are not in it: the
+    # runtime binds one row of its own per sequence (only the last position is asked for).
     activations = (
-        prefill_tokens * g.vocab * FP16  # logits of the prefill
-        + 2
-        * settings.batch
-        * g.heads
-        * settings.max_prompt
-        * settings.max_prompt
-        * FP16  # scores + softmax, one layer at a time
+        settings.batch * g.heads * settings.max_prompt * settings.max_prompt * (FP16 + 4)  # scores, fp32 softmax
         + 6 * prefill_tokens * max(g.hidden, g.mlp) * FP16  # hidden states and MLP intermediates
         + settings.vision_batch * 577 * g.vision_hidden * 16 * FP16  # vision encoder
     )
+    runtime_buffers = prefill_tokens * (g.hidden * FP16 + 8) + settings.batch * g.vocab * FP16
     plan = MemoryPlan(budget=target.memory_budget_gb * GIB)
     plan.rows = [
         (f"vision weights ({precision['vision']})", _weight_bytes(vision_params, precision["vision"], group)),
@@ -165,8 +163,13 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
             _weight_bytes(table, "fp16" if "lm_head" in decoder.get("keep_fp16", []) else decoder["weights"], group),
         ),
         ("token embedding table (fp16, host side)", table * FP16),
-        (f"KV cache (fp16, batch {settings.batch}, context {settings.context}, past+present)", kv_bytes),
-        (f"activations (prefill {settings.max_prompt} tokens, vision batch {settings.vision_batch})", activations),
+        (f"KV cache (fp16, batch {settings.batch}, context {settings.context}, one preallocated)", kv_bytes),
+        (
+            f"activations (one block per engine: prefill {settings.max_prompt} tokens, "
+            f"vision batch {settings.vision_batch})",
+            activations,
+        ),
+        ("runtime buffers (prompt embeddings, positions, one logits row)", runtime_buffers),
     ]
     plan.workspace = int(max(MIN_WORKSPACE, min(MAX_WORKSPACE, (plan.budget - plan.total) / 2)))
     return plan
@@ -195,17 +198,20 @@ def optimization_profiles(geometry: Geometry, settings: BuildSettings) -> dict[s
     vision = {contract.VISION_INPUT: [[n, 3, 336, 336] for n in vb]}
     projector = {contract.PROJECTOR_INPUT: [[n, 576, g.mm_hidden] for n in vb]}
 
-    def decoder_profile(seq: list[int], past: list[int]) -> dict[str, list[list[int]]]:
+    def decoder_profile(seq: list[int], past: list[int], logits: list[int]) -> dict[str, list[list[int]]]:
         profile = {
             contract.DECODER_EMBEDS: [[n, q, g.hidden] for n, q in zip(b, seq)],
-            contract.DECODER_MASK: [[n, q + p] for n, q, p in zip(b, seq, past)],
             contract.DECODER_POSITIONS: [[n, q] for n, q in zip(b, seq)],
+            contract.DECODER_LOGITS_INDEX: [[k] for k in logits],
         }
         for layer in range(g.layers):
             for name in contract.past_names(layer):
-                profile[name] = [[n, g.kv_heads, p, g.head_dim] for n, p in zip(b, past)]
+                profile[name] = [[p, n, g.kv_heads, g.head_dim] for n, p in zip(b, past)]
         return profile
 
-    prefill = decoder_profile(seq=[1, max(1, s.max_prompt // 2), s.max_prompt], past=[0, 0, 0])
-    decode = decoder_profile(seq=[1, 1, 1], past=[0, s.context // 2, s.context - 1])
+    # The runtime asks a prefill for the last position's logits (opt 1); verification asks for all.
+    prefill = decoder_profile(
+        seq=[1, max(1, s.max_prompt // 2), s.max_prompt], past=[0, 0, 0], logits=[1, 1, s.max_prompt]
+    )
+    decode = decoder_profile(seq=[1, 1, 1], past=[1, s.context // 2, s.context - 1], logits=[1, 1, 1])
     return {"vision": [vision], "projector": [projector], "decoder": [prefill, decode]}
