@@ -106,3 +106,34 @@ def test_context_is_capped_by_the_model_and_checked():
     assert BuildSettings.resolve(recipe, target, 512).context == 512  # target default 2048
     with pytest.raises(MvlmError, match=r"--context 4096: expected 2 to the model's context of 512"):
         BuildSettings.resolve(recipe, target, 512, context=4096)
+
+
+def test_decode_traffic_of_the_tiny_bundle_by_hand():
+    """Weights (INT4 packed two per byte, FP16 scales and lm_head) read once, the past's K/V read
+    once, one row written per layer: the analytic bytes of a TensorRT decode step."""
+    import numpy as np
+    import onnx
+    from conftest import TINY_BUNDLE
+    from onnx import numpy_helper
+
+    from mvlm_compile.engine.plan import decode_traffic
+    from mvlm_compile.manifest import load_manifest
+
+    artifacts = TINY_BUNDLE / "artifacts"
+    manifest = load_manifest(artifacts)
+    graph = manifest.graph_path(artifacts, "decoder")
+    model = onnx.load(str(graph))  # with its weights: their sizes counted from the arrays themselves
+    weights = 0
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        packed = tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+        weights += -(-array.size // 2) if packed else array.nbytes
+    geometry = Geometry.from_recipe_and_manifest(load_recipe("tiny"), manifest.model)
+    traffic = decode_traffic(graph, geometry, past=300)
+    items = dict(traffic.rows)
+    assert items["weights (each read once)"] == weights
+    kv = next(v for k, v in items.items() if k.startswith("K/V of the past"))
+    assert kv == 2 * 2 * 300 * 4 * 16 * 2  # K and V, 2 layers, 300 rows of 4 heads x 16, FP16
+    assert traffic.floor == weights + kv
+    assert traffic.total == pytest.approx(sum(items.values())) and traffic.ratio > 1
+    assert np.isfinite(traffic.to_json()["total_over_floor"]) and "total / floor" in traffic.table()

@@ -7,11 +7,13 @@ target's memory budget (recipes/targets/targets.yaml), and shows the numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mvlm_compile import contract
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.model.config import vision_layers_used
+from mvlm_compile.onnx_io import load_model, weight_bytes
 from mvlm_compile.recipes import Recipe, Target
 from mvlm_compile.table import render_table
 
@@ -215,3 +217,68 @@ def optimization_profiles(geometry: Geometry, settings: BuildSettings) -> dict[s
     )
     decode = decoder_profile(seq=[1, 1, 1], past=[1, s.context // 2, s.context - 1], logits=[1, 1, 1])
     return {"vision": [vision], "projector": [projector], "decoder": [prefill, decode]}
+
+
+@dataclass
+class DecodeTraffic:
+    """Analytic bytes one decode step moves on the TensorRT path, at a past length.
+
+    From the built graph (its weights: every one is read once per step) and the runtime's buffer
+    plan (runtime/kv_cache.py: the past read once where it lies, one new row written per layer,
+    one embedding row up and one logits row down). Activations are an upper bound at batch 1
+    (every intermediate written and read once, nothing fused). The past's transposes in the graph
+    are taken as folded into their MatMuls' operand strides (TensorRT's usual fusion; had it
+    copied them, the KV term would count three times): only a profile on the Jetson can confirm.
+    """
+
+    past: int
+    rows: list[tuple[str, float]] = field(default_factory=list)  # (item, bytes)
+    floor: float = 0.0  # weights + the past's K/V read once
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.total / self.floor
+
+    def table(self) -> str:
+        rows = [
+            *self.rows,
+            ("total", self.total),
+            ("floor: weights + K/V read once", self.floor),
+        ]
+        body = [(name, f"{b / 2**20:10.2f}") for name, b in rows] + [("total / floor", f"{self.ratio:10.3f}")]
+        return render_table((f"decode step at past {self.past}: bytes moved", "MiB"), body)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "past": self.past,
+            "items_mib": {name: round(b / 2**20, 3) for name, b in self.rows},
+            "total_mib": round(self.total / 2**20, 3),
+            "floor_mib": round(self.floor / 2**20, 3),
+            "total_over_floor": round(self.ratio, 4),
+        }
+
+
+def decode_traffic(decoder_graph: Path, geometry: Geometry, past: int = 1000) -> DecodeTraffic:
+    """The bytes of one decode step (batch 1, FP16 activations and cache) after `past` tokens."""
+    g = geometry
+    weights = weight_bytes(load_model(decoder_graph, load_weights=False))
+    row = g.kv_heads * g.head_dim * FP16  # one token's keys (or values) of one layer
+    kv_read = 2 * g.layers * past * row
+    per_layer = (
+        12 * g.hidden * FP16  # norms, projections' outputs, residuals, RoPE (hidden-sized vectors)
+        + 4 * g.mlp * FP16  # gate, up, their product, silu
+        + g.heads * (past + 1) * (FP16 + 4 + 4 + FP16)  # scores, fp32 softmax in and out, probabilities
+    )
+    traffic = DecodeTraffic(past=past, floor=weights + kv_read)
+    traffic.rows = [
+        ("weights (each read once)", weights),
+        (f"K/V of the past read in place ({past} rows x {g.layers} layers x 2)", kv_read),
+        ("new K/V rows written at their offset", 2 * g.layers * row),
+        ("activations (upper bound: nothing fused)", 2 * g.layers * per_layer + 2 * g.vocab * FP16),
+        ("host <-> device: one embedding row up, one logits row down", (g.hidden + g.vocab) * FP16 + 16),
+    ]
+    return traffic
