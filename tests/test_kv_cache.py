@@ -150,3 +150,14 @@ def test_artifacts_of_the_old_decoder_contract_are_refused_with_a_one_line_error
         backend.manifest.graphs["decoder"]["inputs"][3]["name"] = "past_key_values.0.key"
         with pytest.raises(ArtifactError, match="not this version's contract.*re-export"):
             backend.decoder()
+
+
+def test_an_fp16_graph_gets_an_fp16_cache_and_embedding_table():
+    """The tiny bundle's decoder is FP16 (INT4 weights): the table the runtime gathers from, the
+    cache and the uploaded embeddings are FP16 too (half the bytes of FP32, no cast per step)."""
+    from mvlm_compile.runtime.pipeline import Pipeline
+
+    with OrtBackend(ARTIFACTS) as backend:
+        pipeline = Pipeline(backend)
+        plan = backend.decoder().plan
+        assert pipeline.embed_table.dtype == plan.embeds_dtype == plan.kv_dtype == np.float16

@@ -86,16 +86,19 @@ class TrtEngine:
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
 
-    def set_shapes(self, profile: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], Any]]:
-        """Select `profile`, set every input's shape; the outputs' shapes and NumPy types."""
+    def set_shapes(self, profile: int, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Select `profile` and set every input's shape."""
         if profile != self.profile:
-            # Switching invalidates the shapes: every call below sets them all again.
+            # Switching invalidates the shapes: every call sets them all again.
             if not self.context.set_optimization_profile_async(profile, self.stream.ptr):
                 raise InternalError(f"{self.name} engine: TensorRT refused optimisation profile {profile}")
             self.profile = profile
         for name in self.inputs:
             if not self.context.set_input_shape(name, shapes[name]):
                 raise InternalError(f"{self.name} engine: TensorRT refused shape {shapes[name]} for {name}")
+
+    def output_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """The outputs' shapes (for the input shapes set) and NumPy types."""
         return {
             name: (tuple(self.context.get_tensor_shape(name)), self.trt.nptype(self.engine.get_tensor_dtype(name)))
             for name in self.outputs
@@ -217,8 +220,8 @@ class TrtBackend:
             profile = choose_profile(
                 cast[contract.past_names(0)[0]].shape[past_axis], cast[contract.DECODER_EMBEDS].shape[1]
             )
-        shapes = engine.set_shapes(profile, {name: a.shape for name, a in cast.items()})
-        outputs_host = {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
+        engine.set_shapes(profile, {name: a.shape for name, a in cast.items()})
+        outputs_host = {name: np.empty(shape, dtype) for name, (shape, dtype) in engine.output_shapes().items()}
         block = cuda.DeviceArray.raw((max(ADDRESS_ALIGNMENT, block_bytes([*cast.values(), *outputs_host.values()])),))
         try:
             inputs, uploads = feed_bindings(cast, block.ptr, self._empty.ptr)
