@@ -256,26 +256,19 @@ class LlamaCpp:
 
 
 class Ours:
-    """Our runtime, only through its public API (Pipeline over open_backend), as `bench` drives it.
-
-    Pipeline.prefill(embeds) / decode(token) is the runtime that owns an in-place cache (issue
-    15); until that is merged, Pipeline.step(embeds, past) with a cache the caller carries. The
-    step() branch goes when every branch has the new runtime."""
+    """Our runtime, only through its public API (Pipeline over open_backend), as `bench` drives it:
+    the decoder loop owns its in-place cache, so a prefill starts a new sequence."""
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
-        self.past = None
 
     def reset(self) -> None:
-        self.past = None
+        """Nothing to drop: the next prefill starts over in the same cache."""
 
     def decode(self, tokens: Sequence[int], start: int) -> np.ndarray:
         """`tokens` at positions start.. (a prefill when start is 0, else one token); the last logits."""
         p = self.pipeline
-        if hasattr(p, "prefill"):
-            return p.prefill(p.embed(list(tokens))) if start == 0 else p.decode(int(tokens[0]))
-        logits, self.past = p.step(p.embed(list(tokens)), self.past if start else p.empty_cache())
-        return logits
+        return p.prefill(p.embed(list(tokens))) if start == 0 else p.decode(int(tokens[0]))
 
 
 # Accuracy -------------------------------------------------------------------------------------

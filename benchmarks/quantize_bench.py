@@ -58,11 +58,11 @@ def child_latency(fp32: Path, int4: Path, past: int, steps: int, result: Path) -
     rng = np.random.default_rng(0)
     feed = {
         contract.DECODER_EMBEDS: rng.standard_normal((1, 1, hidden)).astype(np.float32) * 0.02,
-        contract.DECODER_MASK: np.ones((1, past + 1), np.int64),
         contract.DECODER_POSITIONS: np.array([[past]], np.int64),
+        contract.DECODER_LOGITS_INDEX: np.array([0], np.int64),
     }
     for name in contract.decoder_input_names(layers)[3:]:
-        feed[name] = rng.standard_normal((1, heads, past, head_dim)).astype(np.float32)
+        feed[name] = rng.standard_normal((past, 1, heads, head_dim)).astype(np.float32)
     timings = {}
     for label, artifacts in (("fp32", fp32), ("int4", int4)):
         session = ort_session(load_manifest(artifacts).graph_path(artifacts, "decoder"))

@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mvlm_compile import __version__
-from mvlm_compile.engine.plan import BuildSettings, Geometry, MemoryPlan, check_fits, plan_memory
+from mvlm_compile.engine.plan import (
+    BuildSettings,
+    DecodeTraffic,
+    Geometry,
+    MemoryPlan,
+    check_fits,
+    decode_traffic,
+    plan_memory,
+)
 from mvlm_compile.engines_record import ENGINES_MANIFEST
 from mvlm_compile.errors import ArtifactError, MvlmError
 from mvlm_compile.fileio import (
@@ -97,6 +105,7 @@ class BuildResult:
     deferred_reason: str = ""
     target_command: str = ""
     stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "skipped (unchanged)"
+    traffic: DecodeTraffic | None = None  # bytes of a decode step on the TensorRT path, from the built graph
 
 
 def _host_stages(
@@ -325,6 +334,7 @@ def _build_locked(
         progress,
     )
 
+    traffic = decode_traffic(manifest.graph_path(artifacts, "decoder"), geometry)
     flavour = target.flavour
     trt, why = import_flavour(flavour)
     gpu = query_gpu() if trt is not None and not flavour.ahead_of_time else None
@@ -335,7 +345,9 @@ def _build_locked(
             why = f"this GPU ({gpu.name}, SM {gpu.sm}) is not the target's (SM {target.sm}): engines are not portable"
     if why:
         command = _write_bundle_record(bundle, recipe, target, plan, settings, why)
-        return BuildResult(bundle, plan, settings, deferred_reason=why, target_command=command, stages=stages)
+        return BuildResult(
+            bundle, plan, settings, deferred_reason=why, target_command=command, stages=stages, traffic=traffic
+        )
 
     from mvlm_compile.engine.builder import build_engines
 
@@ -344,7 +356,7 @@ def _build_locked(
     stages["engines"] = build_engines(
         trt, flavour, gpu, artifacts, engines_dir, plugin, target, geometry, settings, plan, force, progress
     )
-    return BuildResult(bundle, plan, settings, engines_dir=engines_dir, stages=stages)
+    return BuildResult(bundle, plan, settings, engines_dir=engines_dir, stages=stages, traffic=traffic)
 
 
 def _plugin_library(flavour: Flavour, bundle: Path) -> Path | None:

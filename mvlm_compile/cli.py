@@ -424,6 +424,7 @@ def build(
         "stages": result.stages,
         "settings": result.settings.__dict__,
         "memory_plan": result.plan.to_json(),
+        "decode_traffic": result.traffic.to_json() if result.traffic else None,
         "engines_dir": str(result.engines_dir) if result.engines_dir else None,
         "deferred_reason": result.deferred_reason,
         "target_command": result.target_command,
@@ -433,6 +434,8 @@ def build(
     else:
         _echo_table(("stage", "result"), list(result.stages.items()))
         click.echo(result.plan.table())
+        if result.traffic is not None:
+            click.echo(result.traffic.table())
     if result.engines_dir is None:
         raise EnginesDeferred(
             f"engines not built here: {result.deferred_reason}\n"

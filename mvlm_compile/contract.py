@@ -1,6 +1,13 @@
 """The ONNX I/O contract shared by golden tensors, the exported graphs, engines and the runtime.
 
 Torch-free. The README's "ONNX I/O contract" section describes the same names.
+
+The decoder's KV cache lives outside the graph, in a buffer the runtime preallocates at the
+engine's context. The sequence axis is the outermost one of a cache tensor ([past, batch,
+kv_heads, head_dim]), so that for any batch the past is a prefix of the buffer and the new rows
+go right after it: the graph reads the past through a view of that prefix and returns only the
+rows of its own tokens, which the runtime binds at their offset in the same buffer. No step
+concatenates or copies the cache.
 """
 
 from __future__ import annotations
@@ -11,25 +18,30 @@ PROJECTOR_INPUT = VISION_OUTPUT
 PROJECTOR_OUTPUT = "image_embeds"  # [batch, 144, hidden]
 
 DECODER_EMBEDS = "inputs_embeds"  # [batch, seq, hidden]
-DECODER_MASK = "attention_mask"  # int64 [batch, past + seq]
 DECODER_POSITIONS = "position_ids"  # int64 [batch, seq]
-DECODER_LOGITS = "logits"  # [batch, seq, vocab]
+# Which of the seq positions get logits (int64 [n], values in 0..seq-1): the runtime asks for the
+# last one only; golden tensors, verification and quantization's accuracy ask for all of them.
+DECODER_LOGITS_INDEX = "logits_index"
+DECODER_LOGITS = "logits"  # [batch, n, vocab]
 
 COMPONENTS = ("vision", "projector", "decoder_prefill", "decoder_decode")
 
+# Axis of the sequence in a cache tensor (past inputs and new-row outputs).
+KV_SEQ_AXIS = 0
+
 
 def past_names(layer: int) -> tuple[str, str]:
-    """Decoder inputs: [batch, kv_heads, past, head_dim]."""
-    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+    """Decoder inputs, the cache before this call: [past, batch, kv_heads, head_dim]."""
+    return f"past.{layer}.key", f"past.{layer}.value"
 
 
-def present_names(layer: int) -> tuple[str, str]:
-    """Decoder outputs: [batch, kv_heads, past + seq, head_dim]."""
-    return f"present.{layer}.key", f"present.{layer}.value"
+def new_kv_names(layer: int) -> tuple[str, str]:
+    """Decoder outputs, the cache rows of this call's tokens: [seq, batch, kv_heads, head_dim]."""
+    return f"new.{layer}.key", f"new.{layer}.value"
 
 
 def decoder_input_names(num_layers: int) -> list[str]:
-    names = [DECODER_EMBEDS, DECODER_MASK, DECODER_POSITIONS]
+    names = [DECODER_EMBEDS, DECODER_POSITIONS, DECODER_LOGITS_INDEX]
     for layer in range(num_layers):
         names.extend(past_names(layer))
     return names
@@ -38,5 +50,5 @@ def decoder_input_names(num_layers: int) -> list[str]:
 def decoder_output_names(num_layers: int) -> list[str]:
     names = [DECODER_LOGITS]
     for layer in range(num_layers):
-        names.extend(present_names(layer))
+        names.extend(new_kv_names(layer))
     return names

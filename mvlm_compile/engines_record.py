@@ -138,7 +138,7 @@ def decoder_limits(record: dict[str, Any], engines_dir: Path) -> TokenLimits:
     profiles = record["engines"]["decoder"]["profiles"]
     prefill, decode = profiles[PREFILL_PROFILE], profiles[DECODE_PROFILE]
     max_prompt = int(prefill[contract.DECODER_EMBEDS][2][1])  # [min, opt, max] of [batch, seq, hidden]
-    context = int(decode[contract.past_names(0)[0]][2][2]) + 1  # [batch, kv heads, past, head dim]
+    context = int(decode[contract.past_names(0)[0]][2][0]) + 1  # [past, batch, kv heads, head dim]
     where = Path(engines_dir) / ENGINES_MANIFEST
     return TokenLimits(
         max_prompt, context, f"the decoder engine's profiles in {where}; rebuild with a larger --context"

@@ -50,10 +50,14 @@ def test_1p7b_weights_and_kv_cache_by_hand():
     # ViT-L/14 up to layer 23: 23 x (4 x 1024^2 + 2 x 1024 x 4096) + embeddings, FP16.
     vision = 23 * (4 * 1024**2 + 2 * 1024 * 4096) + 577 * 1024 + 3 * 14 * 14 * 1024
     assert items["vision weights (fp16)"] == pytest.approx(vision * 2)
-    # K and V, 24 layers, 16 heads x 128, 2048 positions, FP16, past and present buffers.
+    # K and V, 24 layers, 16 heads x 128, 2048 positions, FP16: the one cache the runtime preallocates
+    # (its steps write their rows into it; nothing holds a past and a present copy).
     assert settings.context == 2048
     kv_key = next(k for k in items if k.startswith("KV cache"))
-    assert items[kv_key] == pytest.approx(2 * (2 * 24 * 16 * 128 * 2048) * 2)
+    assert items[kv_key] == pytest.approx((2 * 24 * 16 * 128 * 2048) * 2)
+    # The runtime's own buffers: the longest prompt's FP16 embeddings and int64 positions, one FP16 logits row.
+    runtime_key = next(k for k in items if k.startswith("runtime buffers"))
+    assert items[runtime_key] == pytest.approx(settings.max_prompt * (2048 * 2 + 8) + 32000 * 2)
     assert plan.fits
 
 
@@ -80,11 +84,14 @@ def test_decoder_profiles_prefill_and_decode():
     _, _, geometry, settings, _ = _plan("mobilevlm-v2-1.7b", "orin-nx-16gb")
     prefill, decode = optimization_profiles(geometry, settings)["decoder"]
     past = contract.past_names(23)[1]
-    assert prefill[past] == [[1, 16, 0, 128]] * 3  # no past in prefill
+    assert prefill[past] == [[0, 1, 16, 128]] * 3  # no past in prefill; the sequence axis first
     assert prefill[contract.DECODER_EMBEDS][2] == [1, settings.max_prompt, 2048]
+    # The runtime asks for one position's logits; verification for every prompt position.
+    assert prefill[contract.DECODER_LOGITS_INDEX] == [[1], [1], [settings.max_prompt]]
     assert decode[contract.DECODER_EMBEDS] == [[1, 1, 2048]] * 3
-    assert decode[past][2] == [1, 16, settings.context - 1, 128]
-    assert decode[contract.DECODER_MASK][2] == [1, settings.context]
+    assert decode[past][0] == [1, 1, 16, 128]  # a decode step always follows a past
+    assert decode[past][2] == [settings.context - 1, 1, 16, 128]
+    assert decode[contract.DECODER_LOGITS_INDEX] == [[1]] * 3
     assert settings.max_prompt < settings.context
 
 
@@ -99,3 +106,34 @@ def test_context_is_capped_by_the_model_and_checked():
     assert BuildSettings.resolve(recipe, target, 512).context == 512  # target default 2048
     with pytest.raises(MvlmError, match=r"--context 4096: expected 2 to the model's context of 512"):
         BuildSettings.resolve(recipe, target, 512, context=4096)
+
+
+def test_decode_traffic_of_the_tiny_bundle_by_hand():
+    """Weights (INT4 packed two per byte, FP16 scales and lm_head) read once, the past's K/V read
+    once, one row written per layer: the analytic bytes of a TensorRT decode step."""
+    import numpy as np
+    import onnx
+    from conftest import TINY_BUNDLE
+    from onnx import numpy_helper
+
+    from mvlm_compile.engine.plan import decode_traffic
+    from mvlm_compile.manifest import load_manifest
+
+    artifacts = TINY_BUNDLE / "artifacts"
+    manifest = load_manifest(artifacts)
+    graph = manifest.graph_path(artifacts, "decoder")
+    model = onnx.load(str(graph))  # with its weights: their sizes counted from the arrays themselves
+    weights = 0
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        packed = tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+        weights += -(-array.size // 2) if packed else array.nbytes
+    geometry = Geometry.from_recipe_and_manifest(load_recipe("tiny"), manifest.model)
+    traffic = decode_traffic(graph, geometry, past=300)
+    items = dict(traffic.rows)
+    assert items["weights (each read once)"] == weights
+    kv = next(v for k, v in items.items() if k.startswith("K/V of the past"))
+    assert kv == 2 * 2 * 300 * 4 * 16 * 2  # K and V, 2 layers, 300 rows of 4 heads x 16, FP16
+    assert traffic.floor == weights + kv
+    assert traffic.total == pytest.approx(sum(items.values())) and traffic.ratio > 1
+    assert np.isfinite(traffic.to_json()["total_over_floor"]) and "total / floor" in traffic.table()

@@ -106,8 +106,9 @@ def test_every_planned_profile_was_accepted(built):
         assert engine["profile_indices"] == list(range(len(planned[name])))
     decoder = record["engines"]["decoder"]["profiles"]
     past = contract.past_names(0)[0]
-    assert [shape[2] for shape in decoder[0][past]] == [0, 0, 0]  # prefill: an empty past, planned and accepted
-    assert decoder[1][contract.DECODER_EMBEDS][2][1] == 1 and decoder[1][past][2][2] == settings.context - 1
+    # [past, batch, kv_heads, head_dim]: prefill has an empty past, planned and accepted
+    assert [shape[0] for shape in decoder[0][past]] == [0, 0, 0]
+    assert decoder[1][contract.DECODER_EMBEDS][2][1] == 1 and decoder[1][past][2][0] == settings.context - 1
 
 
 def test_each_graph_parses_without_error_into_the_manifest_io(built):

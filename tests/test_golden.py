@@ -36,9 +36,17 @@ def test_polygraphy_format_and_contract_names(tiny_golden):
     assert list(feed) == contract.decoder_input_names(2)
     assert list(outputs) == contract.decoder_output_names(2)
     seq = feed[contract.DECODER_EMBEDS].shape[1]
-    assert feed["past_key_values.0.key"].shape == (1, 4, 0, 16)
-    assert outputs["present.1.value"].shape == (1, 4, seq, 16)
-    assert feed[contract.DECODER_MASK].dtype == np.int64 and feed[contract.DECODER_POSITIONS].dtype == np.int64
+    assert feed["past.0.key"].shape == (0, 1, 4, 16)  # the cache layout: sequence outermost
+    assert outputs["new.1.value"].shape == (seq, 1, 4, 16)  # the rows of the prompt's tokens
+    assert feed[contract.DECODER_POSITIONS].dtype == np.int64 and feed[contract.DECODER_LOGITS_INDEX].dtype == np.int64
+    # Golden prefill logits cover every position (verification checks them all; the runtime asks for the last).
+    assert np.array_equal(feed[contract.DECODER_LOGITS_INDEX], np.arange(seq))
+    assert outputs[contract.DECODER_LOGITS].shape == (1, seq, 512)
+    decode, decode_out = load_component(tiny_golden, "decoder_decode")
+    assert decode["past.1.value"].shape == (seq, 1, 4, 16) and decode_out["new.1.value"].shape == (1, 1, 4, 16)
+    np.testing.assert_array_equal(
+        decode["past.1.value"], outputs["new.1.value"]
+    )  # the decode's past is the prefill's rows
 
 
 def test_decode_step_agrees_with_a_full_forward_without_cache(tiny_checkpoint, tiny_golden):
@@ -52,6 +60,11 @@ def test_decode_step_agrees_with_a_full_forward_without_cache(tiny_checkpoint, t
     expected = logits[:, -1:].numpy()
     got = decode_out[contract.DECODER_LOGITS]
     np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+    # The decode step's new K/V row is the full forward's last row (keys: layer 1's, after RoPE).
+    with torch.no_grad():
+        out = model.language_model(inputs_embeds=torch.from_numpy(embeds), use_cache=True)
+    full_key = out.cache.layers[1].keys[:, :, -1:].permute(2, 0, 1, 3).numpy()
+    np.testing.assert_allclose(decode_out["new.1.key"], full_key, atol=1e-4 * np.abs(full_key).max())
 
 
 def test_generation_starts_with_the_prefill_argmax(tiny_golden):

@@ -170,7 +170,7 @@ def test_fp16_decoder_gets_fp16_scales(tiny_checkpoint, tmp_path):
     assert all(c.passed for c in checks)
     from mvlm_compile.runtime.pipeline import Pipeline
 
-    logits, _ = Pipeline(backend).step(np.zeros((1, 3, 64), np.float32), Pipeline(backend).empty_cache())
+    logits = Pipeline(backend).prefill(np.zeros((1, 3, 64), np.float32))
     assert np.isfinite(logits).all()
 
 

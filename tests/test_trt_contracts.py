@@ -166,32 +166,24 @@ def test_records_of_another_builder_gpu_or_format_are_refused(tmp_path):
 # --- The TensorRT backend's buffers (the parts that need no GPU).
 
 
-def test_empty_inputs_are_bound_to_the_aligned_buffer_never_null():
-    from polygraphy.cuda import DeviceView
+def test_a_feed_is_packed_at_aligned_offsets_and_empty_inputs_get_the_owned_buffer():
+    """run()'s inputs: each non-empty tensor at a 256-byte aligned offset of one block, an empty
+    one (the prefill's past) at the backend's own buffer: TensorRT 10.3 refuses null addresses."""
+    from mvlm_compile.runtime.trt_backend import block_bytes, feed_bindings
 
-    from mvlm_compile.runtime.trt_backend import bind_empty_inputs
-
-    past = np.zeros((1, 4, 0, 16), np.float16)
-    embeds = np.ones((1, 3, 64), np.float16)
-    bound = bind_empty_inputs({"inputs_embeds": embeds, "past_key_values.0.key": past}, 0x7F0000001000)
-    assert bound["inputs_embeds"] is embeds
-    view = bound["past_key_values.0.key"]
-    assert isinstance(view, DeviceView) and view.ptr == 0x7F0000001000 and tuple(view.shape) == (1, 4, 0, 16)
-    assert view.nbytes == 0
-    full = {"inputs_embeds": embeds}
-    assert bind_empty_inputs(full, 0x7F0000001000) is full
-    for bad in (0, 0x7F0000001010):  # null; 16-byte but not 256-byte aligned
+    past = np.zeros((0, 1, 4, 16), np.float16)
+    embeds = np.ones((1, 3, 64), np.float16)  # 384 bytes: the next tensor starts at 512
+    positions = np.arange(3, dtype=np.int64)[None]
+    feed = {"inputs_embeds": embeds, "past.0.key": past, "position_ids": positions}
+    bindings, uploads = feed_bindings(feed, 0x7F0000000000, 0x7F0000100000)
+    assert bindings["inputs_embeds"].address == 0x7F0000000000
+    assert bindings["position_ids"].address == 0x7F0000000000 + 512
+    assert bindings["past.0.key"].address == 0x7F0000100000 and bindings["past.0.key"].shape == (0, 1, 4, 16)
+    assert [address for address, _ in uploads] == [0x7F0000000000, 0x7F0000000200]  # nothing uploaded for the empty
+    assert block_bytes(list(feed.values())) == 512 + 256
+    for bad in (0, 0x7F0000100010):  # null; 16-byte but not 256-byte aligned
         with pytest.raises(InternalError, match="256-byte aligned"):
-            bind_empty_inputs({"past": past}, bad)
-
-
-def test_outputs_are_copies_of_the_runners_buffers():
-    from mvlm_compile.runtime.trt_backend import owned_outputs
-
-    reused = np.arange(8, dtype=np.float16)  # what Polygraphy returns views of, and overwrites next call
-    out = owned_outputs({"logits": reused[:4], "present.0.key": reused[4:]})
-    reused[:] = -1
-    assert out["logits"].tolist() == [0, 1, 2, 3] and not np.shares_memory(out["logits"], reused)
+            feed_bindings({"past": past}, 0x7F0000000000, bad)
 
 
 # --- The timing cache: locked, checked, merged.

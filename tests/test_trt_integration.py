@@ -78,19 +78,32 @@ def test_engines_build_with_the_plugin_and_match_golden(engines):
 
 
 def _decoder_feed(model: dict, seq: int, past: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    from mvlm_compile.runtime.pipeline import decoder_feed
-
+    """Random inputs of the decoder's contract: `seq` tokens after `past` rows, logits at every position."""
     embeds = (rng.standard_normal((1, seq, int(model["hidden_size"]))) * 0.5).astype(np.float16)
-    shape = (1, int(model["num_kv_heads"]), past, int(model["head_dim"]))
-    cache = [(rng.standard_normal(shape) * 0.5).astype(np.float16) for _ in range(2 * int(model["num_layers"]))]
-    return decoder_feed(embeds, cache)
+    shape = (past, 1, int(model["num_kv_heads"]), int(model["head_dim"]))
+    feed = {
+        contract.DECODER_EMBEDS: embeds,
+        contract.DECODER_POSITIONS: np.arange(past, past + seq, dtype=np.int64)[None],
+        contract.DECODER_LOGITS_INDEX: np.arange(seq, dtype=np.int64),
+    }
+    for name in contract.decoder_input_names(int(model["num_layers"]))[3:]:
+        feed[name] = (rng.standard_normal(shape) * 0.5).astype(np.float16)
+    return feed
+
+
+def _close(got: np.ndarray, expected: np.ndarray, what) -> None:
+    from mvlm_compile.verify.metrics import compare
+
+    assert got.shape == expected.shape, what
+    metrics = compare(got.astype(np.float32), expected.astype(np.float32))
+    assert metrics["rel_to_scale"] <= SAME_GRAPH["rel_to_scale"], (what, metrics)
+    assert metrics["cosine"] >= SAME_GRAPH["cosine"], (what, metrics)
 
 
 def test_each_decoder_profile_at_its_limits_matches_onnx_runtime(engines):
     """Prefill (past = 0) at 1 token and at the longest prompt; decode at past 1 and past = context - 1."""
     from mvlm_compile.runtime.ort_backend import OrtBackend
     from mvlm_compile.runtime.trt_backend import TrtBackend
-    from mvlm_compile.verify.metrics import compare
 
     bundle, engines_dir, _ = engines
     rng = np.random.default_rng(0)
@@ -101,10 +114,30 @@ def test_each_decoder_profile_at_its_limits_matches_onnx_runtime(engines):
             feed = _decoder_feed(model, seq, past, rng)
             got, expected = trt_backend.run("decoder", feed), ort.run("decoder", feed)
             for name in contract.decoder_output_names(int(model["num_layers"])):
-                assert got[name].shape == expected[name].shape, (seq, past, name)
-                metrics = compare(got[name].astype(np.float32), expected[name].astype(np.float32))
-                assert metrics["rel_to_scale"] <= SAME_GRAPH["rel_to_scale"], (seq, past, name, metrics)
-                assert metrics["cosine"] >= SAME_GRAPH["cosine"], (seq, past, name, metrics)
+                _close(got[name], expected[name], (seq, past, name))
+
+
+def test_the_device_loop_matches_the_onnx_runtime_loop(engines):
+    """The decoder loop on device buffers (in-place rows, staged rows: the tiny model's rows are 128
+    bytes) against the same loop in ONNX Runtime: logits of a prefill and 40 steps, and the cache."""
+    from mvlm_compile.runtime.ort_backend import OrtBackend
+    from mvlm_compile.runtime.trt_backend import TrtBackend
+
+    bundle, engines_dir, _ = engines
+    rng = np.random.default_rng(2)
+    with TrtBackend(bundle / "artifacts", engines_dir) as trt_backend, OrtBackend(bundle / "artifacts") as ort:
+        hidden = int(trt_backend.manifest.model["hidden_size"])
+        loops = trt_backend.decoder(), ort.decoder()
+        embeds = (rng.standard_normal((1, 37, hidden)) * 0.5).astype(np.float16)
+        kept = []
+        for step in range(41):
+            got, expected = (loop.step(embeds) for loop in loops)
+            _close(got, expected, ("step", step))
+            kept.append((got, got.copy()))
+            embeds = (rng.standard_normal((1, 1, hidden)) * 0.5).astype(np.float16)
+        for got, expected in zip(loops[0].cache(), loops[1].cache()):
+            _close(got, expected, "cache")
+        assert all(np.array_equal(a, b) for a, b in kept)  # no returned logits is a view of a reused buffer
 
 
 def test_outputs_do_not_alias_the_next_call(engines):

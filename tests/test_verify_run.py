@@ -143,7 +143,7 @@ def test_int8_activations_take_effect_and_stay_close_to_fp32():
             pipeline = Pipeline(backend)
             rng = np.random.default_rng(0)
             embeds = (rng.standard_normal((1, 8, int(backend.manifest.model["hidden_size"]))) * 0.5).astype(np.float32)
-            logits[activations] = pipeline.step(embeds, pipeline.empty_cache())[0]
+            logits[activations] = pipeline.prefill(embeds)
             options = backend._session("decoder").get_session_options()
             assert options.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == level
     metrics = compare(logits["int8"], logits["fp32"])

@@ -7,11 +7,13 @@ target's memory budget (recipes/targets/targets.yaml), and shows the numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mvlm_compile import contract
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.model.config import vision_layers_used
+from mvlm_compile.onnx_io import load_model, weight_bytes
 from mvlm_compile.recipes import Recipe, Target
 from mvlm_compile.table import render_table
 
@@ -134,21 +136,19 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
     linear_params = g.layers * (attention + 3 * g.hidden * g.mlp)
     table = g.vocab * g.hidden
     group = int(decoder.get("group_size", 128))
-    kv_elems = 2 * g.layers * settings.batch * g.kv_heads * g.head_dim * settings.context
-    # The graph takes past and returns past+seq (present): both live at once during a step.
-    kv_bytes = 2 * kv_elems * FP16
+    # One cache preallocated at the context by the runtime (runtime/kv_cache.py): each step reads
+    # the past from it and writes its new rows into it, so nothing else holds K/V.
+    kv_bytes = 2 * g.layers * settings.batch * g.kv_heads * g.head_dim * settings.context * FP16
     prefill_tokens = settings.batch * settings.max_prompt
+    # One execution context per engine, so one activation block each: TensorRT sizes it for the
+    # largest profile, the prefill (the decoder) and the vision batch. Logits are not in it: the
+    # runtime binds one row of its own per sequence (only the last position is asked for).
     activations = (
-        prefill_tokens * g.vocab * FP16  # logits of the prefill
-        + 2
-        * settings.batch
-        * g.heads
-        * settings.max_prompt
-        * settings.max_prompt
-        * FP16  # scores + softmax, one layer at a time
+        settings.batch * g.heads * settings.max_prompt * settings.max_prompt * (FP16 + 4)  # scores, fp32 softmax
         + 6 * prefill_tokens * max(g.hidden, g.mlp) * FP16  # hidden states and MLP intermediates
         + settings.vision_batch * 577 * g.vision_hidden * 16 * FP16  # vision encoder
     )
+    runtime_buffers = prefill_tokens * (g.hidden * FP16 + 8) + settings.batch * g.vocab * FP16
     plan = MemoryPlan(budget=target.memory_budget_gb * GIB)
     plan.rows = [
         (f"vision weights ({precision['vision']})", _weight_bytes(vision_params, precision["vision"], group)),
@@ -165,8 +165,13 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
             _weight_bytes(table, "fp16" if "lm_head" in decoder.get("keep_fp16", []) else decoder["weights"], group),
         ),
         ("token embedding table (fp16, host side)", table * FP16),
-        (f"KV cache (fp16, batch {settings.batch}, context {settings.context}, past+present)", kv_bytes),
-        (f"activations (prefill {settings.max_prompt} tokens, vision batch {settings.vision_batch})", activations),
+        (f"KV cache (fp16, batch {settings.batch}, context {settings.context}, one preallocated)", kv_bytes),
+        (
+            f"activations (one block per engine: prefill {settings.max_prompt} tokens, "
+            f"vision batch {settings.vision_batch})",
+            activations,
+        ),
+        ("runtime buffers (prompt embeddings, positions, one logits row)", runtime_buffers),
     ]
     plan.workspace = int(max(MIN_WORKSPACE, min(MAX_WORKSPACE, (plan.budget - plan.total) / 2)))
     return plan
@@ -195,17 +200,85 @@ def optimization_profiles(geometry: Geometry, settings: BuildSettings) -> dict[s
     vision = {contract.VISION_INPUT: [[n, 3, 336, 336] for n in vb]}
     projector = {contract.PROJECTOR_INPUT: [[n, 576, g.mm_hidden] for n in vb]}
 
-    def decoder_profile(seq: list[int], past: list[int]) -> dict[str, list[list[int]]]:
+    def decoder_profile(seq: list[int], past: list[int], logits: list[int]) -> dict[str, list[list[int]]]:
         profile = {
             contract.DECODER_EMBEDS: [[n, q, g.hidden] for n, q in zip(b, seq)],
-            contract.DECODER_MASK: [[n, q + p] for n, q, p in zip(b, seq, past)],
             contract.DECODER_POSITIONS: [[n, q] for n, q in zip(b, seq)],
+            contract.DECODER_LOGITS_INDEX: [[k] for k in logits],
         }
         for layer in range(g.layers):
             for name in contract.past_names(layer):
-                profile[name] = [[n, g.kv_heads, p, g.head_dim] for n, p in zip(b, past)]
+                profile[name] = [[p, n, g.kv_heads, g.head_dim] for n, p in zip(b, past)]
         return profile
 
-    prefill = decoder_profile(seq=[1, max(1, s.max_prompt // 2), s.max_prompt], past=[0, 0, 0])
-    decode = decoder_profile(seq=[1, 1, 1], past=[0, s.context // 2, s.context - 1])
+    # The runtime asks a prefill for the last position's logits (opt 1); verification asks for all.
+    prefill = decoder_profile(
+        seq=[1, max(1, s.max_prompt // 2), s.max_prompt], past=[0, 0, 0], logits=[1, 1, s.max_prompt]
+    )
+    decode = decoder_profile(seq=[1, 1, 1], past=[1, s.context // 2, s.context - 1], logits=[1, 1, 1])
     return {"vision": [vision], "projector": [projector], "decoder": [prefill, decode]}
+
+
+@dataclass
+class DecodeTraffic:
+    """Analytic bytes one decode step moves on the TensorRT path, at a past length.
+
+    From the built graph (its weights: every one is read once per step) and the runtime's buffer
+    plan (runtime/kv_cache.py: the past read once where it lies, one new row written per layer,
+    one embedding row up and one logits row down). Activations are an upper bound at batch 1
+    (every intermediate written and read once, nothing fused). The past's transposes in the graph
+    are taken as folded into their MatMuls' operand strides (TensorRT's usual fusion; had it
+    copied them, the KV term would count three times): only a profile on the Jetson can confirm.
+    """
+
+    past: int
+    rows: list[tuple[str, float]] = field(default_factory=list)  # (item, bytes)
+    floor: float = 0.0  # weights + the past's K/V read once
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.total / self.floor
+
+    def table(self) -> str:
+        rows = [
+            *self.rows,
+            ("total", self.total),
+            ("floor: weights + K/V read once", self.floor),
+        ]
+        body = [(name, f"{b / 2**20:10.2f}") for name, b in rows] + [("total / floor", f"{self.ratio:10.3f}")]
+        return render_table((f"decode step at past {self.past}: bytes moved", "MiB"), body)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "past": self.past,
+            "items_mib": {name: round(b / 2**20, 3) for name, b in self.rows},
+            "total_mib": round(self.total / 2**20, 3),
+            "floor_mib": round(self.floor / 2**20, 3),
+            "total_over_floor": round(self.ratio, 4),
+        }
+
+
+def decode_traffic(decoder_graph: Path, geometry: Geometry, past: int = 1000) -> DecodeTraffic:
+    """The bytes of one decode step (batch 1, FP16 activations and cache) after `past` tokens."""
+    g = geometry
+    weights = weight_bytes(load_model(decoder_graph, load_weights=False))
+    row = g.kv_heads * g.head_dim * FP16  # one token's keys (or values) of one layer
+    kv_read = 2 * g.layers * past * row
+    per_layer = (
+        12 * g.hidden * FP16  # norms, projections' outputs, residuals, RoPE (hidden-sized vectors)
+        + 4 * g.mlp * FP16  # gate, up, their product, silu
+        + g.heads * (past + 1) * (FP16 + 4 + 4 + FP16)  # scores, fp32 softmax in and out, probabilities
+    )
+    traffic = DecodeTraffic(past=past, floor=weights + kv_read)
+    traffic.rows = [
+        ("weights (each read once)", weights),
+        (f"K/V of the past read in place ({past} rows x {g.layers} layers x 2)", kv_read),
+        ("new K/V rows written at their offset", 2 * g.layers * row),
+        ("activations (upper bound: nothing fused)", 2 * g.layers * per_layer + 2 * g.vocab * FP16),
+        ("host <-> device: one embedding row up, one logits row down", (g.hidden + g.vocab) * FP16 + 16),
+    ]
+    return traffic

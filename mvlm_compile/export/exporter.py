@@ -35,10 +35,17 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def _export(
-    module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict,
+    output_dims: dict[str, list[int | str]] | None = None,
 ) -> None:
     """TorchScript-based export (torch.export cannot yet trace transformers' cache with a
-    zero-length past), then IR 10, with the weights in one external file above 2 GB."""
+    zero-length past), then IR 10, with the weights in one external file above 2 GB.
+    `output_dims` states output shapes the tracer loses (RoPE's slicing hides head_dim)."""
     scratch = path.parent / f".{path.stem}.export"  # the exporter scatters one file per tensor above 2 GB
     scratch.mkdir()
     try:
@@ -57,6 +64,12 @@ def _export(
             )
         model = onnx.load(str(scratch / path.name), load_external_data=False)
         model.ir_version = IR_VERSION
+        for output in model.graph.output:
+            for dim, value in zip(output.type.tensor_type.shape.dim, (output_dims or {}).get(output.name, ())):
+                if isinstance(value, int):
+                    dim.dim_value = value
+                else:
+                    dim.dim_param = value
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
             save_with_streamed_weights(model, scratch, path)
         else:
@@ -104,17 +117,17 @@ def export_artifacts(
         }
     )
     layers = cfg.num_layers
-    kv_shape = (1, cfg.num_kv_heads, 2, cfg.head_dim)
+    kv_shape = (2, 1, cfg.num_kv_heads, cfg.head_dim)  # contract.past_names: [past, batch, kv_heads, head_dim]
     batch = {0: "batch"}
     decoder_dynamic = {
         contract.DECODER_EMBEDS: {0: "batch", 1: "seq"},
-        contract.DECODER_MASK: {0: "batch", 1: "total"},
         contract.DECODER_POSITIONS: {0: "batch", 1: "seq"},
-        contract.DECODER_LOGITS: {0: "batch", 1: "seq"},
+        contract.DECODER_LOGITS_INDEX: {0: "n"},
+        contract.DECODER_LOGITS: {0: "batch", 1: "n"},
     }
     for i in range(layers):
-        decoder_dynamic.update({name: {0: "batch", 2: "past"} for name in contract.past_names(i)})
-        decoder_dynamic.update({name: {0: "batch", 2: "total"} for name in contract.present_names(i)})
+        decoder_dynamic.update({name: {0: "past", 1: "batch"} for name in contract.past_names(i)})
+        decoder_dynamic.update({name: {0: "seq", 1: "batch"} for name in contract.new_kv_names(i)})
 
     started = time.perf_counter()
     with atomic_output_dir(out, "artifacts", inputs=[checkpoint, vision_tower]) as tmp, torch.no_grad():
@@ -137,19 +150,27 @@ def export_artifacts(
             {contract.PROJECTOR_INPUT: batch, contract.PROJECTOR_OUTPUT: batch},
         )
         progress("exporting decoder.onnx")
-        # Example shapes with past = 2, seq = 3: every axis distinct so the tracer keeps them symbolic.
+        # Example shapes with past = 2, seq = 3, two logits: every axis distinct so the tracer keeps them symbolic.
         _export(
             Decoder(model).eval(),
             (
                 torch.zeros(1, 3, cfg.hidden_size, dtype=torch_dtype),
-                torch.ones(1, 5, dtype=torch.int64),
                 torch.arange(2, 5, dtype=torch.int64)[None],
+                torch.tensor([1, 2], dtype=torch.int64),
                 *[torch.zeros(kv_shape, dtype=torch_dtype) for _ in range(2 * layers)],
             ),
             tmp / "decoder.onnx",
             contract.decoder_input_names(layers),
             contract.decoder_output_names(layers),
             decoder_dynamic,
+            {
+                contract.DECODER_LOGITS: ["batch", "n", cfg.vocab_size],
+                **{
+                    name: ["seq", "batch", cfg.num_kv_heads, cfg.head_dim]
+                    for i in range(layers)
+                    for name in contract.new_kv_names(i)
+                },
+            },
         )
         progress("writing the token embedding table and tokenizer")
         table = model.language_model.get_input_embeddings().weight.detach().numpy()

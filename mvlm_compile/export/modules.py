@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from mvlm_compile.errors import MvlmError
 from mvlm_compile.model.config import vision_layers_used
 from mvlm_compile.model.reference import MobileVLMReference
 
@@ -38,14 +40,107 @@ class Projector(nn.Module):
         return self.projector(image_features)
 
 
+class _Attention(nn.Module):
+    """LLaMA self-attention over a cache kept outside the graph, without concatenating K/V.
+
+    The past (keys and values [past, batch, kv_heads, head_dim], contract.past_names) is read
+    where the runtime keeps it; the rows of this call's tokens are returned as new outputs
+    (contract.new_kv_names) for the runtime to write after the past. Scores against the past and
+    against the new rows (causal) form one softmax; its two blocks weigh the past values and the
+    new values, and the two sums are added. Plain MatMul/Softmax: what TensorRT 10.3 builds. The
+    permutes of the past fold into the MatMuls (ONNX Runtime: FusedMatMul with transposed batch
+    strides, measured: no copy of the cache).
+    """
+
+    def __init__(self, attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+
+    def forward(self, hidden, cos, sin, past_key, past_value):
+        batch, seq = hidden.shape[:2]
+        query = self.q_proj(hidden).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)  # [batch, heads, seq, head_dim]
+
+        scores_past = torch.matmul(query, past_key.permute(1, 2, 3, 0)) * self.scaling  # [b, h, seq, past]
+        scores_new = torch.matmul(query, key.transpose(2, 3)) * self.scaling  # [b, h, seq, seq]
+        steps = torch.arange(seq, device=hidden.device)
+        future = steps[None, :] > steps[:, None]  # a new token sees the past and the new tokens up to itself
+        scores_new = scores_new.masked_fill(future, torch.finfo(scores_new.dtype).min)
+        # One softmax over both blocks (in FP32, as the reference's eager attention does).
+        probs = torch.softmax(torch.cat([scores_past, scores_new], dim=-1), dim=-1, dtype=torch.float32)
+        probs = probs.to(query.dtype)
+        past_len = past_key.shape[0]
+        out = torch.matmul(probs[..., :past_len], past_value.permute(1, 2, 0, 3))
+        out = out + torch.matmul(probs[..., past_len:], value)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        new_key, new_value = key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)  # [seq, batch, kv_heads, head_dim]
+        return self.o_proj(out), new_key, new_value
+
+
+class _Layer(nn.Module):
+    def __init__(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.input_layernorm = layer.input_layernorm
+        self.self_attn = _Attention(layer.self_attn, num_heads, num_kv_heads)
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = layer.mlp
+
+    def forward(self, hidden, cos, sin, past_key, past_value):
+        attn, new_key, new_value = self.self_attn(self.input_layernorm(hidden), cos, sin, past_key, past_value)
+        hidden = hidden + attn
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)), new_key, new_value
+
+
+class _Model(nn.Module):
+    def __init__(self, model: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.rotary_emb = model.rotary_emb
+        self.layers = nn.ModuleList(_Layer(layer, num_heads, num_kv_heads) for layer in model.layers)
+        self.norm = model.norm
+
+    def forward(self, inputs_embeds, position_ids, logits_index, past):
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids)
+        hidden = inputs_embeds
+        new = []
+        for i, layer in enumerate(self.layers):
+            hidden, new_key, new_value = layer(hidden, cos, sin, past[2 * i], past[2 * i + 1])
+            new.extend((new_key, new_value))
+        # Only the asked positions go through the final norm and lm_head (the runtime asks for the last).
+        return self.norm(torch.index_select(hidden, 1, logits_index)), new
+
+
+class _LanguageModel(nn.Module):
+    """The same module names as transformers' LlamaForCausalLM (language_model/model/layers.N/...),
+    so that the graph's node names carry the module paths quantize and verify look for."""
+
+    def __init__(self, lm: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.model = _Model(lm.model, num_heads, num_kv_heads)
+        self.lm_head = lm.lm_head
+
+    def forward(self, inputs_embeds, position_ids, logits_index, past):
+        hidden, new = self.model(inputs_embeds, position_ids, logits_index, past)
+        return self.lm_head(hidden), new
+
+
 class Decoder(nn.Module):
-    """(inputs_embeds, attention_mask, position_ids, *past k/v) -> (logits, *present k/v)."""
+    """(inputs_embeds, position_ids, logits_index, *past k/v) -> (logits, *new k/v): contract.py's decoder."""
 
     def __init__(self, model: MobileVLMReference) -> None:
         super().__init__()
-        self.model = model
+        cfg = model.config
+        if cfg.num_kv_heads != cfg.num_heads:
+            raise MvlmError(
+                f"{cfg.path}: num_key_value_heads {cfg.num_kv_heads} != num_attention_heads {cfg.num_heads}: "
+                "grouped-query attention is not supported by the decoder export (MobileVLM V2 has none)"
+            )
+        self.language_model = _LanguageModel(model.language_model, cfg.num_heads, cfg.num_kv_heads)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
-        logits, present = self.model.decode(inputs_embeds, attention_mask, position_ids, pairs)
-        return (logits, *[t for pair in present for t in pair])
+    def forward(self, inputs_embeds, position_ids, logits_index, *past):
+        logits, new = self.language_model(inputs_embeds, position_ids, logits_index, past)
+        return (logits, *new)

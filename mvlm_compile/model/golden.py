@@ -66,12 +66,15 @@ def _save_component(out: Path, name: str, inputs: dict[str, torch.Tensor], outpu
 
 
 def _kv_dict(
-    cache: list[tuple[torch.Tensor, torch.Tensor]], names: Callable[[int], tuple[str, str]]
+    cache: list[tuple[torch.Tensor, torch.Tensor]], names: Callable[[int], tuple[str, str]], start: int = 0
 ) -> dict[str, torch.Tensor]:
+    """The reference's cache ([batch, kv_heads, length, head_dim] per layer), from row `start` on,
+    in the contract's layout [length, batch, kv_heads, head_dim] under `names`."""
     out = {}
     for layer, (key, value) in enumerate(cache):
         key_name, value_name = names(layer)
-        out[key_name], out[value_name] = key, value
+        out[key_name] = key[:, :, start:].permute(2, 0, 1, 3)
+        out[value_name] = value[:, :, start:].permute(2, 0, 1, 3)
     return out
 
 
@@ -120,26 +123,28 @@ def write_golden(
             f"exceed max_position_embeddings {cfg.max_context}"
         )
 
+    # The decoder's contract (contract.py): the past in, only the new rows out. Golden prefill
+    # logits cover every prompt position (the runtime asks for the last only), so verification
+    # still checks each position's logits, and every position's K/V rows at every layer.
     empty_kv = torch.zeros(1, cfg.num_kv_heads, 0, cfg.head_dim)
+    positions = torch.arange(seq, dtype=torch.int64)[None]
     prefill_in = {
         contract.DECODER_EMBEDS: inputs_embeds,
-        contract.DECODER_MASK: torch.ones(1, seq, dtype=torch.int64),
-        contract.DECODER_POSITIONS: torch.arange(seq, dtype=torch.int64)[None],
+        contract.DECODER_POSITIONS: positions,
+        contract.DECODER_LOGITS_INDEX: torch.arange(seq, dtype=torch.int64),
         **_kv_dict([(empty_kv, empty_kv)] * cfg.num_layers, contract.past_names),
     }
-    logits, present = model.decode(
-        inputs_embeds, prefill_in[contract.DECODER_MASK], prefill_in[contract.DECODER_POSITIONS], []
-    )
+    logits, present = model.decode(inputs_embeds, torch.ones(1, seq, dtype=torch.int64), positions, [])
     first_token = int(logits[0, -1].argmax())
     decode_in = {
         contract.DECODER_EMBEDS: model.embed_tokens(torch.tensor([[first_token]])),
-        contract.DECODER_MASK: torch.ones(1, seq + 1, dtype=torch.int64),
         contract.DECODER_POSITIONS: torch.tensor([[seq]], dtype=torch.int64),
+        contract.DECODER_LOGITS_INDEX: torch.tensor([0], dtype=torch.int64),
         **_kv_dict(present, contract.past_names),
     }
     decode_logits, decode_present = model.decode(
         decode_in[contract.DECODER_EMBEDS],
-        decode_in[contract.DECODER_MASK],
+        torch.ones(1, seq + 1, dtype=torch.int64),
         decode_in[contract.DECODER_POSITIONS],
         present,
     )
@@ -196,13 +201,13 @@ def write_golden(
             tmp,
             "decoder_prefill",
             prefill_in,
-            {contract.DECODER_LOGITS: logits, **_kv_dict(present, contract.present_names)},
+            {contract.DECODER_LOGITS: logits, **_kv_dict(present, contract.new_kv_names)},
         )
         _save_component(
             tmp,
             "decoder_decode",
             decode_in,
-            {contract.DECODER_LOGITS: decode_logits, **_kv_dict(decode_present, contract.present_names)},
+            {contract.DECODER_LOGITS: decode_logits, **_kv_dict(decode_present, contract.new_kv_names, seq)},
         )
         write_json(
             tmp / "generation.json",

@@ -23,7 +23,7 @@ from mvlm_compile.manifest import Manifest
 from mvlm_compile.model.preprocess import golden_image, load_image, preprocess_image
 from mvlm_compile.model.prompt import build_prompt, tokenize_with_image
 from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session
-from mvlm_compile.runtime.pipeline import Pipeline, decoder_feed, empty_kv_cache
+from mvlm_compile.runtime.pipeline import Pipeline, prefill_feed
 from mvlm_compile.tinytask.dataset import EVAL_SEED, TASK_NAME, TRAIN_SEED
 
 # (question, answer): the answer text makes the calibration see assistant-side positions too.
@@ -192,10 +192,10 @@ def collect(
     progress("decoder: capturing the Linear inputs")
     session = ort_session(manifest.graph_path(artifacts, "decoder"), extra_outputs=tensors)
     dtype = manifest.input_dtype("decoder", contract.DECODER_EMBEDS)
-    empty = empty_kv_cache(manifest.model, dtype)
+    kv_dtype = manifest.input_dtype("decoder", contract.past_names(0)[0])
     parts: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
     for sequence in embeds:
-        values = session.run(list(tensors), decoder_feed(sequence.astype(dtype), empty))
+        values = session.run(list(tensors), prefill_feed(manifest.model, sequence.astype(dtype), kv_dtype))
         for name, value in zip(tensors, values):
             parts[name].append(np.asarray(value, np.float32).reshape(-1, value.shape[-1]))
     del session

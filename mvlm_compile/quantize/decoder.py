@@ -17,7 +17,7 @@ AWQ input scales s (weights' rows times s) need the input divided by s. Where th
     per-column scaling commutes with per-column group scales) or an inserted Mul ("mul").
   * o_proj, input the attention output: an inserted Mul by 1/s (default), or v_proj's output
     columns ("v_proj"). Folding into v_proj would change what the graph returns as
-    present.*.value (the KV cache would hold V / s), so the cache no longer matches the golden
+    new.*.value (the KV cache would hold V / s), so the cache no longer matches the golden
     tensors nor keeps its natural range (for a later KV-cache quantization); the Mul is one
     element-wise op on [tokens, hidden] per layer.
 Weights are read tensor by tensor (external data included), so peak memory stays near one

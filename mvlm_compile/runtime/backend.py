@@ -17,6 +17,7 @@ import numpy as np
 from mvlm_compile.engines_record import TokenLimits
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.manifest import Manifest
+from mvlm_compile.runtime.kv_cache import DecoderLoop
 
 BACKENDS = ("ort", "trt")
 
@@ -30,6 +31,8 @@ class Backend(Protocol):
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def input_dtype(self, graph: str, name: str) -> type: ...
+
+    def decoder(self) -> DecoderLoop: ...  # the decoder over the backend's preallocated cache
 
     def close(self) -> None: ...
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mvlm_compile.runtime.kv_cache import describe
 from mvlm_compile.runtime.pipeline import Pipeline
 
 Progress = Callable[[str], None]
@@ -74,15 +75,12 @@ def bench_backend(
             progress,
             "projector",
         ),
-        "prefill": _timed(lambda: pipeline.step(embeds, pipeline.empty_cache()), warmup, repeats, progress, "prefill"),
+        "prefill": _timed(lambda: pipeline.prefill(embeds), warmup, repeats, progress, "prefill"),
     }
-    cache = [pipeline.step(embeds, pipeline.empty_cache())[1]]
-    token = pipeline.embed([1])
-
-    def step(_: int) -> None:
-        cache[0] = pipeline.step(token, cache[0])[1]
-
-    results["decode"] = _decode(step, warmup, decode_steps, progress, "decode")
+    pipeline.prefill(embeds)
+    results["decode"] = _decode(lambda _: pipeline.decode(1), warmup, decode_steps, progress, "decode")
+    results["decode"]["past_at_first_step"] = prompt_tokens
+    results["decoder_buffers"] = describe(pipeline.backend.decoder().plan)
     results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return results
 

@@ -1,8 +1,10 @@
-"""ONNX Runtime (CPU) backend: runs the artifacts' graphs by name."""
+"""ONNX Runtime (CPU) backend: runs the artifacts' graphs by name, and the decoder loop
+(runtime/kv_cache.py) over host memory bound through IOBinding."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from mvlm_compile.engines_record import TokenLimits
 from mvlm_compile.errors import ArtifactError, MvlmError
 from mvlm_compile.fileio import directory_lock
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
+from mvlm_compile.runtime.kv_cache import ADDRESS_ALIGNMENT, Binding, DecoderLoop, DecoderPlan
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -53,6 +56,42 @@ def ort_session(path: Path, threads: int = 0, extra_outputs: Sequence[str] = (),
         raise ArtifactError(f"{path}: ONNX Runtime cannot load the graph ({type(e).__name__}: {e})") from None
 
 
+class OrtExecutor:
+    """kv_cache.Executor over host memory: IOBinding binds inputs and outputs by address, so the
+    graph reads the past where it lies and writes its new rows and logits into the block."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self._blocks: list[np.ndarray] = []
+
+    def allocate(self, nbytes: int) -> int:
+        block = np.empty(nbytes + ADDRESS_ALIGNMENT, np.uint8)  # untouched pages cost no memory until used
+        self._blocks.append(block)
+        address = block.ctypes.data
+        return address + (-address) % ADDRESS_ALIGNMENT
+
+    def write(self, address: int, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        ctypes.memmove(address, array.ctypes.data, array.nbytes)
+
+    def read(self, binding: Binding) -> np.ndarray:
+        out = np.empty(binding.shape, binding.dtype)
+        ctypes.memmove(out.ctypes.data, binding.address, out.nbytes)
+        return out
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+    def execute(self, profile: int, inputs: dict[str, Binding], outputs: dict[str, Binding]) -> None:
+        del profile  # ONNX Runtime has no optimisation profiles
+        binding = self.session.io_binding()
+        for name, b in inputs.items():
+            binding.bind_input(name, "cpu", 0, b.dtype.type, list(b.shape), b.address)
+        for name, b in outputs.items():
+            binding.bind_output(name, "cpu", 0, b.dtype.type, list(b.shape), b.address)
+        self.session.run_with_iobinding(binding)
+
+
 class OrtBackend:
     """The artifacts' graphs in ONNX Runtime on the CPU; a session per graph, made on first use."""
 
@@ -79,6 +118,7 @@ class OrtBackend:
         # No profiles here: one prefill may take the whole context.
         self.limits = TokenLimits(context, context, f"the model's context in {self.artifacts / MANIFEST_NAME}")
         self._sessions: dict = {}
+        self._decoder: DecoderLoop | None = None
 
     def _session(self, graph: str):
         if graph not in self._sessions:
@@ -96,7 +136,15 @@ class OrtBackend:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, cast)))
 
+    def decoder(self) -> DecoderLoop:
+        """The decoder loop over one preallocated cache of the model's context (made on first use)."""
+        if self._decoder is None:
+            plan = DecoderPlan.from_manifest(self.manifest, self.limits)
+            self._decoder = DecoderLoop(OrtExecutor(self._session("decoder")), plan)
+        return self._decoder
+
     def close(self) -> None:
+        self._decoder = None
         self._sessions.clear()
         self._lock.close()
 

@@ -14,22 +14,18 @@ from mvlm_compile.model.prompt import IMAGE_PLACEHOLDER, build_prompt, tokenize_
 from mvlm_compile.runtime.backend import Backend
 
 
-def empty_kv_cache(model: dict, dtype: type, batch: int = 1) -> list[np.ndarray]:
-    """The past of a prefill: per layer a key and a value of length 0, for a manifest's `model` record."""
-    shape = (batch, int(model["num_kv_heads"]), 0, int(model["head_dim"]))
-    return [np.zeros(shape, dtype)] * (2 * int(model["num_layers"]))
-
-
-def decoder_feed(embeds: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The decoder's inputs for `embeds` [batch, seq, hidden] after `past` (k, v per layer)."""
+def prefill_feed(model: dict, embeds: np.ndarray, kv_dtype: type) -> dict[str, np.ndarray]:
+    """The decoder's inputs for one prefill of `embeds` [batch, seq, hidden] with logits at every
+    position (quantization's calibration and accuracy; the runtime's loop asks for the last only),
+    for a manifest's `model` record."""
     batch, seq = embeds.shape[:2]
-    past_len = past[0].shape[2]
+    empty = np.zeros((0, batch, int(model["num_kv_heads"]), int(model["head_dim"])), kv_dtype)
     feed = {
         contract.DECODER_EMBEDS: embeds,
-        contract.DECODER_MASK: np.ones((batch, past_len + seq), np.int64),
-        contract.DECODER_POSITIONS: np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0),
+        contract.DECODER_POSITIONS: np.arange(seq, dtype=np.int64)[None].repeat(batch, 0),
+        contract.DECODER_LOGITS_INDEX: np.arange(seq, dtype=np.int64),
     }
-    feed.update(zip(contract.decoder_input_names(len(past) // 2)[3:], past))
+    feed.update((name, empty) for name in contract.decoder_input_names(int(model["num_layers"]))[3:])
     return feed
 
 
@@ -52,7 +48,6 @@ class Pipeline:
         self.num_layers = int(model["num_layers"])
         self.image_token_index = int(model["image_token_index"])
         self.embed_table = load_embed_table(backend.manifest.file_path(backend.artifacts, "embed_tokens"), model)
-        self.kv_dtype = backend.input_dtype("decoder", contract.past_names(0)[0])
 
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
         features = self.backend.run("vision", {contract.VISION_INPUT: pixel_values})[contract.VISION_OUTPUT]
@@ -71,27 +66,28 @@ class Pipeline:
         ]
         return np.concatenate(parts, axis=1)
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        return empty_kv_cache(self.backend.manifest.model, self.kv_dtype, batch)
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Start a sequence: logits [batch, vocab] of the prompt's last position; the cache holds the prompt."""
+        decoder = self.backend.decoder()
+        decoder.reset()
+        return decoder.step(inputs_embeds)
 
-    def step(self, embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call: logits of the last position, and the grown cache."""
-        out = self.backend.run("decoder", decoder_feed(embeds, past))
-        present = [out[name] for name in contract.decoder_output_names(self.num_layers)[1:]]
-        return out[contract.DECODER_LOGITS][:, -1].astype(np.float32), present
+    def decode(self, token: int) -> np.ndarray:
+        """One token after the cache: its logits [1, vocab]; the cache grows by one row, in place."""
+        return self.backend.decoder().step(self.embed([token]))
 
     def greedy(self, inputs_embeds: np.ndarray, max_new_tokens: int, eos: int | None = None) -> list[int]:
         """Greedy tokens for one sequence, up to and including `eos` when given (the golden run
         has no stop: it passes none)."""
         if max_new_tokens < 1:
             return []
-        logits, past = self.step(inputs_embeds, self.empty_cache())
+        logits = self.prefill(inputs_embeds)
         tokens: list[int] = []
         while True:
             tokens.append(int(logits[0].argmax()))
             if len(tokens) == max_new_tokens or tokens[-1] == eos:
                 return tokens
-            logits, past = self.step(self.embed([tokens[-1]]), past)
+            logits = self.decode(tokens[-1])
 
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
@@ -179,9 +175,7 @@ class Chat:
         # The backend's limits: an engine's profiles may be tighter than the model's context.
         self.pipeline.backend.limits.check(prompt_tokens, max_new_tokens)
         rng = np.random.default_rng(sampling.seed)
-        logits, past = self.pipeline.step(
-            self.pipeline.splice(ids, self.pipeline.image_embeds(pixel_values)), self.pipeline.empty_cache()
-        )
+        logits = self.pipeline.prefill(self.pipeline.splice(ids, self.pipeline.image_embeds(pixel_values)))
         tokens: list[int] = []
         text = ""
         while len(tokens) < max_new_tokens:
@@ -198,5 +192,5 @@ class Chat:
             text = new_text
             if hit is not None:
                 break
-            logits, past = self.pipeline.step(self.pipeline.embed([token]), past)
+            logits = self.pipeline.decode(token)
         return text

@@ -1,17 +1,20 @@
 """TensorRT backend: runs the engines by graph name, after checking engines.json against this machine.
 
-Buffers and execution contexts come from Polygraphy's TrtRunner (core dependency). The
-decoder engine has two optimisation profiles (prefill, decode); each gets its own runner.
-Two TensorRT 10.3 rules Polygraphy leaves to us: every input needs a non-null address, at
-least 256-byte aligned, also an empty one (the prefill's past of length 0), so empty inputs
-are bound to one small buffer of our own; and the outputs Polygraphy returns are views of host
-buffers it reuses on the next call, so they are copied before they leave this backend.
-Issue 15 replaces the runners with execute_async_v3 driven directly.
+It drives TensorRT itself (the TensorRT 10 API: set_input_shape, set_tensor_address,
+execute_async_v3), with one execution context per engine, so one activation block each. The
+decoder loop is runtime/kv_cache.py's, the one the ONNX Runtime backend runs in CI: its block
+(the KV cache of the engine's context, the prompt embeddings, positions, one row of logits) is
+allocated on the device once; each step uploads the new token's embedding, binds the past as a
+prefix of the cache and the new rows at their offset, and copies back one row of logits.
+
+`run(graph, feed)` (vision, projector, verification's decoder calls on golden inputs) copies its
+inputs in and its outputs out: fresh host arrays, never views of a buffer a later call reuses. Every
+input is bound to a non-null 256-byte aligned address, an empty one (the past of a prefill) too.
+Device memory and the stream are Polygraphy's `polygraphy.cuda` (a core dependency).
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,7 @@ import numpy as np
 
 from mvlm_compile import contract
 from mvlm_compile.engines_record import (
-    DECODE_PROFILE,
     PEG_PLUGIN,
-    PREFILL_PROFILE,
     TokenLimits,
     check_engines_record,
     decoder_limits,
@@ -31,6 +32,14 @@ from mvlm_compile.engines_record import (
 from mvlm_compile.errors import InternalError, MvlmError
 from mvlm_compile.manifest import Manifest, load_manifest
 from mvlm_compile.peg_op import find_plugin_library
+from mvlm_compile.runtime.kv_cache import (
+    ADDRESS_ALIGNMENT,
+    Binding,
+    DecoderLoop,
+    DecoderPlan,
+    align,
+    choose_profile,
+)
 from mvlm_compile.trt_env import (
     FLAVOURS,
     import_flavour,
@@ -39,27 +48,110 @@ from mvlm_compile.trt_env import (
     query_gpu,
 )
 
-ADDRESS_ALIGNMENT = 256  # TensorRT's minimum alignment of an I/O tensor address
+
+def feed_bindings(
+    feed: dict[str, np.ndarray], base: int, empty: int
+) -> tuple[dict[str, Binding], list[tuple[int, np.ndarray]]]:
+    """Bindings for a host feed packed into a device block at `base` (each tensor at an aligned
+    offset), and the (address, array) uploads; an empty tensor is bound at `empty` (a buffer the
+    backend owns: TensorRT 10.3 refuses a null address even for zero bytes, and reads nothing)."""
+    if empty == 0 or empty % ADDRESS_ALIGNMENT or base % ADDRESS_ALIGNMENT:
+        raise InternalError(f"device buffers at {base:#x}, {empty:#x}: not non-null {ADDRESS_ALIGNMENT}-byte aligned")
+    bindings, uploads, offset = {}, [], 0
+    for name, array in feed.items():
+        if array.size == 0:
+            bindings[name] = Binding(empty, array.shape, array.dtype)
+            continue
+        bindings[name] = Binding(base + offset, array.shape, array.dtype)
+        uploads.append((base + offset, array))
+        offset += align(array.nbytes)
+    return bindings, uploads
 
 
-def bind_empty_inputs(feed: dict[str, np.ndarray], address: int) -> dict[str, Any]:
-    """`feed` with each zero-element array replaced by a device view of its shape at `address`
-    (a buffer the backend owns): TensorRT 10.3 refuses a null address even for an empty tensor,
-    and nothing is read from it."""
-    from polygraphy.cuda import DeviceView
-
-    if address == 0 or address % ADDRESS_ALIGNMENT:
-        raise InternalError(
-            f"empty-input buffer at {address:#x} is not a non-null {ADDRESS_ALIGNMENT}-byte aligned address"
-        )
-    if all(v.size for v in feed.values()):
-        return feed
-    return {k: DeviceView(address, v.shape, v.dtype) if v.size == 0 else v for k, v in feed.items()}
+def block_bytes(arrays: list[np.ndarray]) -> int:
+    """The device block `feed_bindings` packs non-empty `arrays` into."""
+    return sum(align(a.nbytes) for a in arrays if a.size)
 
 
-def owned_outputs(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Copies of the runner's outputs: they view host buffers the runner overwrites on its next call."""
-    return {name: np.array(value, copy=True) for name, value in outputs.items()}
+class TrtEngine:
+    """One engine and its one execution context; runs bindings (addresses it does not own) on a stream."""
+
+    def __init__(self, trt: Any, engine: Any, stream: Any, name: str) -> None:
+        self.trt, self.engine, self.stream, self.name = trt, engine, stream, name
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise MvlmError(f"--backend trt: TensorRT could not create an execution context for the {name} engine")
+        self.profile = 0  # a new context starts on profile 0
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+
+    def set_shapes(self, profile: int, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Select `profile` and set every input's shape."""
+        if profile != self.profile:
+            # Switching invalidates the shapes: every call sets them all again.
+            if not self.context.set_optimization_profile_async(profile, self.stream.ptr):
+                raise InternalError(f"{self.name} engine: TensorRT refused optimisation profile {profile}")
+            self.profile = profile
+        for name in self.inputs:
+            if not self.context.set_input_shape(name, shapes[name]):
+                raise InternalError(f"{self.name} engine: TensorRT refused shape {shapes[name]} for {name}")
+
+    def output_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """The outputs' shapes (for the input shapes set) and NumPy types."""
+        return {
+            name: (tuple(self.context.get_tensor_shape(name)), self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            for name in self.outputs
+        }
+
+    def execute(self, profile: int, inputs: dict[str, Binding], outputs: dict[str, Binding]) -> None:
+        """Enqueue one run with these addresses (not waited for: a read on the stream waits)."""
+        self.set_shapes(profile, {name: b.shape for name, b in inputs.items()})
+        for name, binding in (*inputs.items(), *outputs.items()):
+            if binding.address % ADDRESS_ALIGNMENT or not self.context.set_tensor_address(name, binding.address):
+                raise InternalError(f"{self.name} engine: address {binding.address:#x} refused for {name}")
+        if not self.context.execute_async_v3(self.stream.ptr):
+            raise InternalError(f"{self.name} engine: execute_async_v3 failed (TensorRT's log above says why)")
+
+
+class TrtExecutor:
+    """kv_cache.Executor on the device: buffers from cudaMalloc (256-byte aligned), copies on the stream."""
+
+    def __init__(self, engine: TrtEngine) -> None:
+        from polygraphy import cuda
+
+        self.cuda, self.engine, self.stream = cuda, engine, engine.stream
+        self._arrays: list[Any] = []
+
+    def allocate(self, nbytes: int) -> int:
+        array = self.cuda.DeviceArray.raw((nbytes,))
+        self._arrays.append(array)
+        return array.ptr
+
+    def _memcpy(self, dst: int, src: int, nbytes: int, kind: Any) -> None:
+        self.cuda.wrapper().memcpy(dst, src, nbytes, kind, self.stream.ptr)
+
+    def write(self, address: int, array: np.ndarray) -> None:
+        # From pageable memory the copy is staged before the call returns, so `array` may go.
+        array = np.ascontiguousarray(array)
+        self._memcpy(address, array.ctypes.data, array.nbytes, self.cuda.MemcpyKind.HostToDevice)
+
+    def read(self, binding: Binding) -> np.ndarray:
+        out = np.empty(binding.shape, binding.dtype)
+        self._memcpy(out.ctypes.data, binding.address, out.nbytes, self.cuda.MemcpyKind.DeviceToHost)
+        self.stream.synchronize()
+        return out
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        self._memcpy(dst, src, nbytes, self.cuda.MemcpyKind.DeviceToDevice)
+
+    def execute(self, profile: int, inputs: dict[str, Binding], outputs: dict[str, Binding]) -> None:
+        self.engine.execute(profile, inputs, outputs)
+
+    def free(self) -> None:
+        for array in self._arrays:
+            array.free()
+        self._arrays.clear()
 
 
 class TrtBackend:
@@ -67,11 +159,13 @@ class TrtBackend:
 
     def __init__(self, artifacts: Path, engines_dir: Path, manifest: Manifest | None = None) -> None:
         from polygraphy import cuda
-        from polygraphy.backend.trt import TrtRunner
 
         self.artifacts = Path(artifacts)
         self.manifest = manifest or load_manifest(self.artifacts)
-        self._runners: dict[tuple[str, int], Any] = {}
+        self._engines: dict[str, TrtEngine] = {}
+        self._executor: TrtExecutor | None = None
+        self._decoder: DecoderLoop | None = None
+        self._stream = self._empty = self._runtime = None
         record = require_engines_record(engines_dir)
         flavour = FLAVOURS.get(record["builder"]["flavour"])
         if flavour is None:
@@ -90,50 +184,81 @@ class TrtBackend:
         if not flavour.runs_in_backend:  # reached only on a GPU these engines match
             raise MvlmError(f"--backend trt: running {flavour.name} engines is not supported yet ({engines_dir})")
         self.limits: TokenLimits = decoder_limits(self.record, Path(engines_dir))
-        self._empty = cuda.DeviceArray.raw((ADDRESS_ALIGNMENT,))  # cudaMalloc: 256-byte aligned, never null
-        self._engines = {}
-        with no_collection_inside_tensorrt():
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            for name in self.record["engines"]:
-                self._engines[name] = runtime.deserialize_cuda_engine(
-                    engine_path(engines_dir, self.record, name).read_bytes()
-                )
-                profiles = [PREFILL_PROFILE, DECODE_PROFILE] if name == "decoder" else [0]
-                for profile in profiles:
-                    runner = TrtRunner(self._engines[name], optimization_profile=profile)
-                    runner.activate()
-                    self._runners[(name, profile)] = runner
+        try:
+            self._stream = cuda.Stream()
+            self._empty = cuda.DeviceArray.raw((ADDRESS_ALIGNMENT,))  # cudaMalloc: 256-byte aligned, never null
+            with no_collection_inside_tensorrt():
+                runtime = self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives its engines
+                for name in self.record["engines"]:
+                    engine = runtime.deserialize_cuda_engine(engine_path(engines_dir, self.record, name).read_bytes())
+                    if engine is None:
+                        raise MvlmError(f"--engines {engines_dir}: TensorRT could not deserialize the {name} engine")
+                    self._engines[name] = TrtEngine(trt, engine, self._stream, name)
+        except BaseException:
+            self.close()
+            raise
 
     def input_dtype(self, graph: str, name: str) -> type:
         return self.manifest.input_dtype(graph, name)
 
+    def decoder(self) -> DecoderLoop:
+        """The decoder loop over one device block sized by the engine's profiles (made on first use)."""
+        if self._decoder is None:
+            self._executor = TrtExecutor(self._engines["decoder"])
+            self._decoder = DecoderLoop(self._executor, DecoderPlan.from_manifest(self.manifest, self.limits))
+        return self._decoder
+
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call with host inputs (cast to the graph's types) and fresh host outputs."""
+        from polygraphy import cuda
+
+        engine = self._engines[graph]
+        cast = {name: np.ascontiguousarray(feed[name], dtype=self.input_dtype(graph, name)) for name in engine.inputs}
         profile = 0
         if graph == "decoder":
-            profile = (
-                DECODE_PROFILE
-                if feed[contract.DECODER_EMBEDS].shape[1] == 1 and feed[contract.past_names(0)[0]].shape[2] > 0
-                else PREFILL_PROFILE
+            past_axis = contract.KV_SEQ_AXIS
+            profile = choose_profile(
+                cast[contract.past_names(0)[0]].shape[past_axis], cast[contract.DECODER_EMBEDS].shape[1]
             )
-        from polygraphy.logger import G_LOGGER
-
-        cast = {k: np.ascontiguousarray(v, dtype=self.input_dtype(graph, k)) for k, v in feed.items()}
-        bound = bind_empty_inputs(cast, self._empty.ptr)
-        # Polygraphy warns on reading a DeviceView's dtype (a deprecation notice): once per prefill, noise.
-        quiet = G_LOGGER.verbosity(G_LOGGER.ERROR) if bound is not cast else contextlib.nullcontext()
-        with quiet:
-            outputs = self._runners[(graph, profile)].infer(bound)
-        return owned_outputs(outputs)
+        engine.set_shapes(profile, {name: a.shape for name, a in cast.items()})
+        outputs_host = {name: np.empty(shape, dtype) for name, (shape, dtype) in engine.output_shapes().items()}
+        block = cuda.DeviceArray.raw((max(ADDRESS_ALIGNMENT, block_bytes([*cast.values(), *outputs_host.values()])),))
+        try:
+            inputs, uploads = feed_bindings(cast, block.ptr, self._empty.ptr)
+            outputs, _ = feed_bindings(outputs_host, block.ptr + block_bytes(list(cast.values())), self._empty.ptr)
+            copy = cuda.wrapper().memcpy
+            for address, array in uploads:
+                copy(address, array.ctypes.data, array.nbytes, cuda.MemcpyKind.HostToDevice, self._stream.ptr)
+            engine.execute(profile, inputs, outputs)
+            for name, host in outputs_host.items():
+                if host.size:
+                    copy(
+                        host.ctypes.data,
+                        outputs[name].address,
+                        host.nbytes,
+                        cuda.MemcpyKind.DeviceToHost,
+                        self._stream.ptr,
+                    )
+            self._stream.synchronize()
+        finally:
+            block.free()
+        return outputs_host
 
     def close(self) -> None:
-        for runner in self._runners.values():
-            if runner.is_active:
-                runner.deactivate()
-        self._runners.clear()
-        empty = getattr(self, "_empty", None)
-        if empty is not None:
-            empty.free()
+        if self._stream is not None:
+            self._stream.synchronize()
+        self._decoder = None
+        if self._executor is not None:
+            self._executor.free()
+            self._executor = None
+        self._engines.clear()  # contexts before their engines' memory and the stream go
+        if self._empty is not None:
+            self._empty.free()
             self._empty = None
+        if self._stream is not None:
+            self._stream.free()
+            self._stream = None
+        self._runtime = None
 
     def __enter__(self) -> TrtBackend:
         return self

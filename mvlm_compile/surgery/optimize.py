@@ -165,7 +165,8 @@ def optimize_artifacts(
         raise MvlmError(f"--allow-missing {', '.join(unknown)}: no such pass (passes: {', '.join(PASSES)})")
     with directory_lock(artifacts_dir):  # the only writer of these graphs
         manifest = load_manifest(artifacts_dir)
-        dims = {"batch": 1, "seq": decoder_seq, "past": 0, "total": decoder_seq}
+        # A prefill as the runtime runs it: empty past, logits of the last position only.
+        dims = {"batch": 1, "seq": decoder_seq, "past": 0, "n": 1}
         report = OptimizeReport(artifacts_dir, dims)
         started = time.perf_counter()
         graphs_record = {}

@@ -21,7 +21,7 @@ import numpy as np
 
 from mvlm_compile import contract
 from mvlm_compile.runtime.ort_backend import OrtBackend
-from mvlm_compile.runtime.pipeline import Pipeline, decoder_feed, empty_kv_cache
+from mvlm_compile.runtime.pipeline import Pipeline, prefill_feed
 from mvlm_compile.table import render_table
 from mvlm_compile.verify.components import GRAPH_OF_COMPONENT, check_components
 from mvlm_compile.verify.golden_io import load_component, load_generation
@@ -61,7 +61,8 @@ def next_token_metrics(reference: np.ndarray, got: np.ndarray) -> dict[str, floa
 def teacher_forced_logits(backend: OrtBackend, embeds: np.ndarray) -> np.ndarray:
     """[positions, vocab] float32 logits of one prefill of `embeds`."""
     dtype = backend.input_dtype("decoder", contract.DECODER_EMBEDS)
-    feed = decoder_feed(embeds.astype(dtype), empty_kv_cache(backend.manifest.model, dtype))
+    kv_dtype = backend.input_dtype("decoder", contract.past_names(0)[0])
+    feed = prefill_feed(backend.manifest.model, embeds.astype(dtype), kv_dtype)
     return np.asarray(backend.run("decoder", feed)[contract.DECODER_LOGITS][0], np.float32)
 
 
@@ -69,14 +70,14 @@ def _component_metrics(backend: OrtBackend, golden: Path) -> dict:
     checks = check_components(backend, golden)
     result = {}
     for check in checks:
-        if check.output.startswith("present."):
+        if check.output.startswith("new."):
             continue
         dtype = backend.manifest.graphs[GRAPH_OF_COMPONENT[check.component]]["dtype"]
         result[f"{check.component}.{check.output}"] = {"dtype": dtype, **check.metrics, "passed": check.passed}
     for component in ("decoder_prefill", "decoder_decode"):  # the KV cache outputs, summarised by the worst one
-        caches = [c for c in checks if c.component == component and c.output.startswith("present.")]
+        caches = [c for c in checks if c.component == component and c.output.startswith("new.")]
         worst = max(caches, key=lambda c: c.metrics["rel_to_scale"])
-        result[f"{component}.present.*"] = {
+        result[f"{component}.new.*"] = {
             "dtype": backend.manifest.graphs["decoder"]["dtype"],
             **worst.metrics,
             "cosine": min(c.metrics["cosine"] for c in caches),
