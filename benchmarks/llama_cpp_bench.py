@@ -368,31 +368,24 @@ def growth_us_per_token(depths: Sequence[int], medians_ms: Sequence[float]) -> f
 
 
 def render(report: dict) -> str:
+    def timing(t: dict, digits: int) -> str:
+        return (
+            f"{t['median_ms']:.{digits}f} ({t['p10_ms']:.{digits}f}-{t['p90_ms']:.{digits}f}) {t['min_ms']:.{digits}f}"
+        )
+
     rows = []
-    for n, entry in report["prefill"].items():
-        o, p = entry["ours"], entry["llama_cpp"]
-        rows.append(
-            [
-                f"prefill {n}",
-                f"{o['median_ms']:.0f} ({o['p10_ms']:.0f}-{o['p90_ms']:.0f}) {o['min_ms']:.0f}",
-                f"{entry['ours_tokens_per_s']:.1f}",
-                f"{p['median_ms']:.0f} ({p['p10_ms']:.0f}-{p['p90_ms']:.0f}) {p['min_ms']:.0f}",
-                f"{entry['llama_cpp_tokens_per_s']:.1f}",
-                f"{entry['speedup']:.2f}",
-            ]
-        )
-    for n, entry in report["decode"].items():
-        o, p = entry["ours"], entry["llama_cpp"]
-        rows.append(
-            [
-                f"decode step, past {n}",
-                f"{o['median_ms']:.1f} ({o['p10_ms']:.1f}-{o['p90_ms']:.1f}) {o['min_ms']:.1f}",
-                f"{entry['ours_tokens_per_s']:.1f}",
-                f"{p['median_ms']:.1f} ({p['p10_ms']:.1f}-{p['p90_ms']:.1f}) {p['min_ms']:.1f}",
-                f"{entry['llama_cpp_tokens_per_s']:.1f}",
-                f"{entry['speedup']:.2f}",
-            ]
-        )
+    for kind, label, digits in (("prefill", "prefill {}", 0), ("decode", "decode step, past {}", 1)):
+        for n, entry in report[kind].items():
+            rows.append(
+                [
+                    label.format(n),
+                    timing(entry["ours"], digits),
+                    f"{entry['ours_tokens_per_s']:.1f}",
+                    timing(entry["llama_cpp"], digits),
+                    f"{entry['llama_cpp_tokens_per_s']:.1f}",
+                    f"{entry['speedup']:.2f}",
+                ]
+            )
     growth = report["decode_growth_us_per_past_token"]
     if growth["ours"] is not None:
         rows.append(["decode growth, us/past token", f"{growth['ours']:.1f}", "", f"{growth['llama_cpp']:.1f}", "", ""])
