@@ -295,6 +295,12 @@ def optimize(artifacts: Path, allow_missing: tuple[str, ...], as_json: bool) -> 
     help="A Linear kept unquantized, e.g. lm_head (repeatable). Default: the recipe's keep_fp16.",
 )
 @click.option(
+    "--lm-head",
+    type=click.Choice(["fp16", "int8"]),
+    default=None,
+    help="lm_head (kept out of INT4): as exported, or weight-only INT8 per output channel. Default: fp16.",
+)
+@click.option(
     "--calib-images",
     type=click.Path(path_type=Path, exists=True, file_okay=False),
     default=None,
@@ -319,6 +325,7 @@ def quantize(
     method: str | None,
     group_size: int | None,
     keep: tuple[str, ...],
+    lm_head: str | None,
     calib_images: Path | None,
     golden: Path | None,
     out: Path | None,
@@ -332,7 +339,12 @@ def quantize(
 
     _, artifacts = _artifacts_of(artifacts)
     settings = resolve_settings(
-        load_manifest(artifacts), decoder=decoder, method=method, group_size=group_size, keep_fp16=keep or None
+        load_manifest(artifacts),
+        decoder=decoder,
+        method=method,
+        group_size=group_size,
+        keep_fp16=keep or None,
+        lm_head=lm_head,
     )
     if out is None:
         keep_reference(artifacts)

@@ -235,6 +235,34 @@ def test_int4_weights_stay_packed_in_the_engine(tmp_path):
     assert sizes["fp16"] > 3 * sizes["int4"]
 
 
+def test_an_int8_lm_head_is_taken_and_stays_int8_in_the_engine(tmp_path):
+    """`--lm-head int8` (per output channel, axis 1) on an lm_head of the 1.7B's width: the builder
+    takes the DequantizeLinear and the engine carries one byte per weight, not two."""
+    from mvlm_compile.quantize.decoder import quantize_decoder
+    from mvlm_compile.quantize.settings import QuantizeSettings
+
+    k, n = 2048, 8192
+    weight = (np.random.default_rng(0).standard_normal((k, n), np.float32) * 0.02).astype(np.float16)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "seq", k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", "seq", n])
+    matmul = helper.make_node("MatMul", ["x", "lm_head.weight"], ["y"], name="/language_model/lm_head/MatMul")
+    fp16 = _graph([matmul], [x], [y], [numpy_helper.from_array(weight, "lm_head.weight")])
+    onnx.save(fp16, str(tmp_path / "fp16.onnx"))
+    settings = QuantizeSettings(method="rtn", keep_fp16=("lm_head",), lm_head="int8")
+    int8 = quantize_decoder(fp16, tmp_path, settings).model
+    assert [node.op_type for node in int8.graph.node] == ["DequantizeLinear", "MatMul"]
+    onnx.save(int8, str(tmp_path / "int8.onnx"))
+
+    profiles = [{"x": [[1, 1, k], [1, 1, k], [1, 1, k]]}]
+    sizes = {
+        name: len(build_serialized_engine(rtx, TENSORRT_RTX, _spec(tmp_path / f"{name}.onnx", profiles)).data)
+        for name in ("fp16", "int8")
+    }
+    fp16_bytes, int8_bytes = 2 * k * n, k * n + 2 * n  # 33.6 MB; 16.8 MB + FP16 scales
+    assert fp16_bytes <= sizes["fp16"] <= fp16_bytes + 4 * MIB
+    assert int8_bytes <= sizes["int8"] <= int8_bytes + 4 * MIB
+
+
 def test_an_unsupported_node_fails_with_our_error_naming_it(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8])

@@ -118,6 +118,8 @@ class MemoryPlan:
 def _weight_bytes(params: float, precision: str, group: int) -> float:
     if precision == "int4":
         return params / 2 + params / group * FP16  # packed nibbles + FP16 scale per group
+    if precision == "int8":
+        return params  # one byte per weight; one scale per output channel is negligible
     return params * (4 if precision == "fp32" else FP16)
 
 
@@ -136,6 +138,8 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
     linear_params = g.layers * (attention + 3 * g.hidden * g.mlp)
     table = g.vocab * g.hidden
     group = int(decoder.get("group_size", 128))
+    # Kept out of INT4: as exported (fp16) or weight-only INT8 (`lm_head: int8`); else INT4.
+    lm_head = decoder.get("lm_head", "fp16") if "lm_head" in decoder.get("keep_fp16", []) else decoder["weights"]
     # One cache preallocated at the context by the runtime (runtime/kv_cache.py): each step reads
     # the past from it and writes its new rows into it, so nothing else holds K/V.
     kv_bytes = 2 * g.layers * settings.batch * g.kv_heads * g.head_dim * settings.context * FP16
@@ -160,10 +164,7 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
             f"decoder linear weights ({decoder['weights']}, group {group})",
             _weight_bytes(linear_params, decoder["weights"], group),
         ),
-        (
-            "lm_head (fp16)" if "lm_head" in decoder.get("keep_fp16", []) else f"lm_head ({decoder['weights']})",
-            _weight_bytes(table, "fp16" if "lm_head" in decoder.get("keep_fp16", []) else decoder["weights"], group),
-        ),
+        (f"lm_head ({lm_head})", _weight_bytes(table, lm_head, group)),
         ("token embedding table (fp16, host side)", table * FP16),
         (f"KV cache (fp16, batch {settings.batch}, context {settings.context}, one preallocated)", kv_bytes),
         (

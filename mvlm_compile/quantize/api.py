@@ -64,6 +64,7 @@ class QuantizeReport:
         s = self.settings
         lines = [
             f"quantize {self.artifacts}: decoder {s.decoder} {s.method}, group {s.group_size}, kept {list(s.keep_fp16)}"
+            f", lm_head {s.lm_head}"
         ]
         if self.sizes:
             lines.append(
@@ -220,6 +221,7 @@ def _commit(
             "method": settings.method,
             "group_size": settings.group_size,
             "keep_fp16": list(settings.keep_fp16),
+            "lm_head": settings.lm_head,
             "settings": {**settings.to_json(), "scale": "amax / 7, codes in [-8, 7], symmetric, no zero point"},
             "calibration": staged.calibration or "none (round-to-nearest)",
             "graphs": staged.graphs,

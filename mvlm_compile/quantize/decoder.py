@@ -154,7 +154,8 @@ class LinearRecord:
     name: str
     k: int
     n: int
-    quantized: bool
+    quantized: bool  # to INT4
+    int8: bool | None = None  # weight-only INT8 per output channel (lm_head, when asked)
     alpha: float | None = None  # AWQ scale exponent of its input group
     loss_rtn: float | None = None  # relative output error of its group with RTN, calibration tokens
     loss_awq: float | None = None
@@ -301,14 +302,30 @@ def quantize_decoder(
     replaced: dict[str, tuple[str, str]] = {}  # weight -> (int4 name, dq output)
     dq_nodes: dict[str, onnx.NodeProto] = {}
     new_inits: list[TensorProto] = []
+    # lm_head, kept out of INT4, in weight-only INT8 per output channel when the settings ask.
+    int8_ids = {id(lin) for lin in linears if settings.lm_head == "int8" and is_kept(lin, ("lm_head",))}
     for index, lin in enumerate(linears):
-        if lin.weight not in row_scale and lin.weight not in col_scale and id(lin) not in selected_ids:
+        scaled = lin.weight in row_scale or lin.weight in col_scale
+        if not scaled and id(lin) not in selected_ids and id(lin) not in int8_ids:
             continue
         w = weights.read(lin.weight).astype(np.float32)
         if lin.weight in row_scale:
             w *= row_scale[lin.weight][:, None]
         if lin.weight in col_scale:
             w *= col_scale[lin.weight][None, :]
+        if id(lin) in int8_ids:
+            progress(f"INT8 {index + 1}/{len(linears)}: {lin.short}")
+            q, scale = int4.quantize_int8_per_column(w, act_dtype)
+            q_name, s_name, dq_out = (
+                f"{lin.short}.weight_int8",
+                f"{lin.short}.weight_scale",
+                f"{lin.short}.weight_dequantized",
+            )
+            new_inits += [numpy_helper.from_array(q, q_name), int4.scale_tensor(s_name, scale)]
+            dq_nodes[lin.weight] = int4.int8_dequantize_node(q_name, s_name, dq_out, f"/{lin.path}/DequantizeLinear")
+            replaced[lin.weight] = (q_name, dq_out)
+            records[lin.weight].int8 = True
+            continue
         if id(lin) not in selected_ids:
             weights.write(lin.weight, w.astype(act_dtype))  # kept, but its input was scaled
             continue

@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper
 
 INT4_MIN, INT4_MAX = -8, 7
+INT8_MAX = 127
 _SCALE_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
@@ -89,3 +90,18 @@ def scale_tensor(name: str, scale: np.ndarray) -> TensorProto:
 def dequantize_node(weight: str, scale: str, output: str, group: int, name: str) -> onnx.NodeProto:
     """DequantizeLinear(W int4 [K, N], scale [K / group, N], axis=0, block_size=group): no zero point."""
     return helper.make_node("DequantizeLinear", [weight, scale], [output], name=name, axis=0, block_size=group)
+
+
+def quantize_int8_per_column(w: np.ndarray, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int8 [K, N] in [-127, 127], scale [N] of scale_dtype): symmetric, one scale per output
+    channel (column), amax / 127, never zero."""
+    w = np.asarray(w, np.float32)
+    scale = (np.abs(w).max(axis=0) / INT8_MAX).astype(scale_dtype)
+    scale = np.where(scale > 0, scale, np.asarray(max(np.finfo(scale_dtype).tiny, 1e-30), scale_dtype))
+    q = np.clip(np.rint(w / scale.astype(np.float32)[None, :]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale.astype(scale_dtype)
+
+
+def int8_dequantize_node(weight: str, scale: str, output: str, name: str) -> onnx.NodeProto:
+    """DequantizeLinear(W int8 [K, N], scale [N], axis=1): per output channel, no zero point."""
+    return helper.make_node("DequantizeLinear", [weight, scale], [output], name=name, axis=1)

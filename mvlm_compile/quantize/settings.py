@@ -11,6 +11,10 @@ from mvlm_compile.recipes import Recipe
 METHODS = ("awq", "rtn")
 DECODER_PRECISIONS = ("int4", "none")
 FLOAT_PRECISIONS = ("fp16", "none")
+# lm_head, kept out of INT4 (keep_fp16): as is, or weight-only INT8 per output channel, the form
+# ONNX Runtime's CPU fuses into MatMulNBits (~5x faster than FP32 at 1.7B, KL 6e-4:
+# benchmarks/lm_head_study.py) and TensorRT's parser takes as a DequantizeLinear on a constant.
+LM_HEAD_PRECISIONS = ("fp16", "int8")
 FOLD_DOWN = ("up_proj", "mul")  # where AWQ's 1/s for down_proj goes (decoder.py explains)
 FOLD_O = ("mul", "v_proj")  # where AWQ's 1/s for o_proj goes
 # The embedding table is outside the decoder graph (the runtime gathers from it): a valid
@@ -24,6 +28,7 @@ class QuantizeSettings:
     method: str = "awq"
     group_size: int = 128  # INT4 scale group along the input dimension
     keep_fp16: tuple[str, ...] = ("lm_head",)  # Linears left unquantized (names or dotted suffixes)
+    lm_head: str = "fp16"
     vision: str = "fp16"
     projector: str = "fp16"
     # Nothing kept in FP32 in vision/projector: measured error vs golden is far inside the FP16
@@ -43,6 +48,7 @@ class QuantizeSettings:
             "method": METHODS,
             "fold_down": FOLD_DOWN,
             "fold_o": FOLD_O,
+            "lm_head": LM_HEAD_PRECISIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -57,6 +63,8 @@ class QuantizeSettings:
             raise MvlmError(f"grid {self.grid} / max_tokens {self.max_tokens}: expected positive integers")
         if any(not isinstance(k, str) or not k.strip() for k in self.keep_fp16):
             raise MvlmError(f"--keep {list(self.keep_fp16)}: expected Linear names such as lm_head")
+        if self.lm_head == "int8" and "lm_head" not in self.keep_fp16:
+            raise MvlmError("--lm-head int8: lm_head must be kept out of INT4 (--keep lm_head)")
 
     @classmethod
     def resolve(cls, recipe: Recipe | None, **overrides: Any) -> QuantizeSettings:
@@ -69,6 +77,7 @@ class QuantizeSettings:
                 "method": decoder.get("method", cls.method),
                 "group_size": decoder.get("group_size", cls.group_size),
                 "keep_fp16": tuple(decoder.get("keep_fp16", cls.keep_fp16)),
+                "lm_head": decoder.get("lm_head", cls.lm_head),
                 "vision": recipe.precision.get("vision", cls.vision),
                 "projector": recipe.precision.get("projector", cls.projector),
             }
