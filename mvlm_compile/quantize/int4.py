@@ -29,10 +29,10 @@ def group_amax(w: np.ndarray, group: int) -> np.ndarray:
     return np.abs(w.reshape(k // group, group, n)).max(axis=1)
 
 
-def scales_from_amax(amax: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
-    """amax / 7 rounded to the stored type (what DequantizeLinear will multiply by), never zero:
-    TensorRT wants positive scales; an all-zero group keeps code 0 whatever the scale."""
-    scale = (amax / INT4_MAX).astype(scale_dtype)
+def scales_from_amax(amax: np.ndarray, scale_dtype: np.dtype, code_max: int = INT4_MAX) -> np.ndarray:
+    """amax / code_max (7 for INT4) rounded to the stored type (what DequantizeLinear will multiply
+    by), never zero: TensorRT wants positive scales; an all-zero group keeps code 0 whatever the scale."""
+    scale = (amax / code_max).astype(scale_dtype)
     tiny = np.finfo(scale_dtype).tiny
     return np.where(scale > 0, scale, np.asarray(max(tiny, 1e-30), scale_dtype)).astype(scale_dtype)
 
@@ -96,10 +96,9 @@ def quantize_int8_per_column(w: np.ndarray, scale_dtype=np.float32) -> tuple[np.
     """(codes int8 [K, N] in [-127, 127], scale [N] of scale_dtype): symmetric, one scale per output
     channel (column), amax / 127, never zero."""
     w = np.asarray(w, np.float32)
-    scale = (np.abs(w).max(axis=0) / INT8_MAX).astype(scale_dtype)
-    scale = np.where(scale > 0, scale, np.asarray(max(np.finfo(scale_dtype).tiny, 1e-30), scale_dtype))
+    scale = scales_from_amax(np.abs(w).max(axis=0), np.dtype(scale_dtype), INT8_MAX)
     q = np.clip(np.rint(w / scale.astype(np.float32)[None, :]), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale.astype(scale_dtype)
+    return q, scale
 
 
 def int8_dequantize_node(weight: str, scale: str, output: str, name: str) -> onnx.NodeProto:
