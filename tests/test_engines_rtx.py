@@ -205,62 +205,52 @@ def _spec(path: Path, profiles, name: str = "test") -> EngineSpec:
     return EngineSpec(name, path, profiles, 256 * MIB, 86)
 
 
-def test_int4_weights_stay_packed_in_the_engine(tmp_path):
-    """The 1.7B's MLP up-projection (2048 x 5632) quantized by the project's RTN INT4 pass: the
-    INT4 engine carries the packed nibbles and FP16 scales, the FP16 one the FP16 weights."""
+def _engine_sizes_of_one_linear(tmp_path: Path, module: str, k: int, n: int, settings, profile) -> dict[str, int]:
+    """One FP16 Linear [k, n] named like the decoder's `module`, quantized by the project's pass with
+    `settings`: the serialized engine bytes of the FP16 graph and of the quantized one."""
     from mvlm_compile.quantize.decoder import quantize_decoder
-    from mvlm_compile.quantize.settings import QuantizeSettings
 
-    k, n, group = 2048, 5632, 128
     weight = (np.random.default_rng(0).standard_normal((k, n), np.float32) * 0.02).astype(np.float16)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "seq", k])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", "seq", n])
-    matmul = helper.make_node(
-        "MatMul", ["x", "up.weight"], ["y"], name="/language_model/model/layers.0/mlp/up_proj/MatMul"
-    )
-    fp16 = _graph([matmul], [x], [y], [numpy_helper.from_array(weight, "up.weight")])
+    matmul = helper.make_node("MatMul", ["x", "w"], ["y"], name=f"/language_model/{module}/MatMul")
+    fp16 = _graph([matmul], [x], [y], [numpy_helper.from_array(weight, "w")])
     onnx.save(fp16, str(tmp_path / "fp16.onnx"))
-    int4 = quantize_decoder(fp16, tmp_path, QuantizeSettings(method="rtn", group_size=group, keep_fp16=())).model
-    assert [node.op_type for node in int4.graph.node] == ["DequantizeLinear", "MatMul"]
-    onnx.save(int4, str(tmp_path / "int4.onnx"))
-
-    profiles = [{"x": [[1, 1, k], [1, 16, k], [1, 64, k]]}]
-    sizes = {
-        name: len(build_serialized_engine(rtx, TENSORRT_RTX, _spec(tmp_path / f"{name}.onnx", profiles)).data)
-        for name in ("fp16", "int4")
+    quantized = quantize_decoder(fp16, tmp_path, settings).model
+    assert [node.op_type for node in quantized.graph.node] == ["DequantizeLinear", "MatMul"]
+    onnx.save(quantized, str(tmp_path / "quantized.onnx"))
+    return {
+        name: len(build_serialized_engine(rtx, TENSORRT_RTX, _spec(tmp_path / f"{name}.onnx", [{"x": profile}])).data)
+        for name in ("fp16", "quantized")
     }
+
+
+def test_int4_weights_stay_packed_in_the_engine(tmp_path):
+    """The 1.7B's MLP up-projection (2048 x 5632) quantized by the project's RTN INT4 pass: the
+    INT4 engine carries the packed nibbles and FP16 scales, the FP16 one the FP16 weights."""
+    from mvlm_compile.quantize.settings import QuantizeSettings
+
+    k, n, group = 2048, 5632, 128
+    settings = QuantizeSettings(method="rtn", group_size=group, keep_fp16=())
+    profile = [[1, 1, k], [1, 16, k], [1, 64, k]]
+    sizes = _engine_sizes_of_one_linear(tmp_path, "model/layers.0/mlp/up_proj", k, n, settings, profile)
     fp16_bytes, int4_bytes = 2 * k * n, k * n // 2 + (k // group) * n * 2  # 23.1 MB; 5.8 MB + 0.2 MB of scales
     assert fp16_bytes <= sizes["fp16"] <= fp16_bytes + 4 * MIB
-    assert int4_bytes <= sizes["int4"] <= int4_bytes + 4 * MIB
-    assert sizes["fp16"] > 3 * sizes["int4"]
+    assert int4_bytes <= sizes["quantized"] <= int4_bytes + 4 * MIB
+    assert sizes["fp16"] > 3 * sizes["quantized"]
 
 
 def test_an_int8_lm_head_is_taken_and_stays_int8_in_the_engine(tmp_path):
     """`--lm-head int8` (per output channel, axis 1) on an lm_head of the 1.7B's width: the builder
     takes the DequantizeLinear and the engine carries one byte per weight, not two."""
-    from mvlm_compile.quantize.decoder import quantize_decoder
     from mvlm_compile.quantize.settings import QuantizeSettings
 
     k, n = 2048, 8192
-    weight = (np.random.default_rng(0).standard_normal((k, n), np.float32) * 0.02).astype(np.float16)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "seq", k])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", "seq", n])
-    matmul = helper.make_node("MatMul", ["x", "lm_head.weight"], ["y"], name="/language_model/lm_head/MatMul")
-    fp16 = _graph([matmul], [x], [y], [numpy_helper.from_array(weight, "lm_head.weight")])
-    onnx.save(fp16, str(tmp_path / "fp16.onnx"))
     settings = QuantizeSettings(method="rtn", keep_fp16=("lm_head",), lm_head="int8")
-    int8 = quantize_decoder(fp16, tmp_path, settings).model
-    assert [node.op_type for node in int8.graph.node] == ["DequantizeLinear", "MatMul"]
-    onnx.save(int8, str(tmp_path / "int8.onnx"))
-
-    profiles = [{"x": [[1, 1, k], [1, 1, k], [1, 1, k]]}]
-    sizes = {
-        name: len(build_serialized_engine(rtx, TENSORRT_RTX, _spec(tmp_path / f"{name}.onnx", profiles)).data)
-        for name in ("fp16", "int8")
-    }
+    sizes = _engine_sizes_of_one_linear(tmp_path, "lm_head", k, n, settings, [[1, 1, k]] * 3)
     fp16_bytes, int8_bytes = 2 * k * n, k * n + 2 * n  # 33.6 MB; 16.8 MB + FP16 scales
     assert fp16_bytes <= sizes["fp16"] <= fp16_bytes + 4 * MIB
-    assert int8_bytes <= sizes["int8"] <= int8_bytes + 4 * MIB
+    assert int8_bytes <= sizes["quantized"] <= int8_bytes + 4 * MIB
 
 
 def test_an_unsupported_node_fails_with_our_error_naming_it(tmp_path):
