@@ -95,6 +95,7 @@ def _fp16_equivalent_bytes(model: onnx.ModelProto) -> int:
 
 
 def _recipe_of(manifest: Manifest):
+    """The recipe the artifacts were exported with (an error if it cannot be read), or None."""
     name = manifest.model.get("recipe")
     return load_recipe(name) if name else None
 
@@ -102,8 +103,7 @@ def _recipe_of(manifest: Manifest):
 def resolve_settings(manifest: Manifest, **overrides: Any) -> QuantizeSettings:
     """Settings from the recipe the artifacts were exported with (an error if it cannot be
     read: never a silent fallback to defaults), then `overrides`."""
-    name = manifest.model.get("recipe")
-    return QuantizeSettings.resolve(load_recipe(name) if name else None, **overrides)
+    return QuantizeSettings.resolve(_recipe_of(manifest), **overrides)
 
 
 @dataclass
