@@ -91,15 +91,16 @@ def test_the_committed_golden_set_is_current(tmp_path):
 
 def test_the_pytorch_model_answers_questions_about_the_example():
     from mvlm_compile.model.loader import load_checkpoint
+    from mvlm_compile.model.tokenizer import load_tokenizer
     from mvlm_compile.tinytask.reference import answer_scene
-    from mvlm_compile.tinytask.train import Encoder
 
     model = load_checkpoint(SHAPES_MODEL).model
-    encode = Encoder(SHAPES_MODEL / "tokenizer.json")
+    tokenizer = load_tokenizer(SHAPES_MODEL)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for question, expected in EXAMPLE_QA:
-        tokens = answer_scene(model, encode, encode.bos, encode.eos, dataset.example_scene(), question).tokens
-        assert tokens[-1] == encode.eos
-        assert encode.tokenizer.decode(tokens[:-1]) == expected, question
+        tokens = answer_scene(model, tokenizer.encode, bos, eos, dataset.example_scene(), question).tokens
+        assert tokens[-1] == eos
+        assert tokenizer.decode(tokens[:-1]) == expected, question
 
 
 def test_fp32_onnx_answers_exactly_as_pytorch(shapes_fp32):

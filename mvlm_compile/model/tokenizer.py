@@ -95,6 +95,10 @@ class CheckpointTokenizer:
         """Token ids of `text`, BOS first (when the checkpoint's tokenizer adds it, as LLaMA's does)."""
         return self.backend_tokenizer.encode(text).ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with no special token: a piece that continues a sequence."""
+        return self.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids: list[int]) -> str:
         return self.backend_tokenizer.decode(ids)
 

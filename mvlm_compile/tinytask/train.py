@@ -36,7 +36,7 @@ from mvlm_compile.model.preprocess import preprocess_image
 from mvlm_compile.model.prompt import SYSTEM_V1, build_prompt
 from mvlm_compile.model.reference import MobileVLMReference
 from mvlm_compile.model.synth import Preset, _llama, mobilevlm_config_json
-from mvlm_compile.model.tokenizer import write_synthetic_tokenizer
+from mvlm_compile.model.tokenizer import CheckpointTokenizer, load_tokenizer, write_synthetic_tokenizer
 from mvlm_compile.tinytask import dataset
 from mvlm_compile.tinytask.questions import TEMPLATES, all_sentences
 from mvlm_compile.tinytask.reference import answer_scene
@@ -97,23 +97,9 @@ def checkpoint_config() -> dict[str, Any]:
     return config
 
 
-class Encoder:
-    """Text -> ids with the checkpoint's tokenizer.json, as the runtime encodes it."""
-
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.bos, self.eos = self.tokenizer.token_to_id("<s>"), self.tokenizer.token_to_id("</s>")
-
-    def __call__(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def plain(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def sample_sequence(encode: Encoder, sample: dataset.TrainSample) -> tuple[list[int], list[int], list[int]]:
+def sample_sequence(
+    tokenizer: CheckpointTokenizer, sample: dataset.TrainSample
+) -> tuple[list[int], list[int], list[int]]:
     """(ids before the image, ids after it, labels of the ids after it: -100 except answers and EOS).
 
     Turn 1 is the runtime's prompt (build_prompt); later turns follow the 'v1' separators.
@@ -121,15 +107,15 @@ def sample_sequence(encode: Encoder, sample: dataset.TrainSample) -> tuple[list[
     first = sample.turns[0]
     prompt = build_prompt(first.question)
     before_text, after_text = prompt.split("<image>")
-    before = encode(before_text)
-    after = encode.plain(after_text)
+    before = tokenizer.encode(before_text)
+    after = tokenizer.encode_plain(after_text)
     labels = [-100] * len(after)
     for i, turn in enumerate(sample.turns):
         if i > 0:
-            question = encode.plain(f"USER: {turn.question} ASSISTANT:")
+            question = tokenizer.encode_plain(f"USER: {turn.question} ASSISTANT:")
             after += question
             labels += [-100] * len(question)
-        reply = encode.plain(turn.answer) + [encode.eos]
+        reply = tokenizer.encode_plain(turn.answer) + [tokenizer.eos_token_id]
         after += reply
         labels += reply
     return before, after, labels
@@ -203,13 +189,13 @@ def dense_loss(
 
 
 def batch_loss(
-    model: MobileVLMReference, head: DenseHead, encode: Encoder, samples: list[dataset.TrainSample]
+    model: MobileVLMReference, head: DenseHead, tokenizer: CheckpointTokenizer, samples: list[dataset.TrainSample]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(answer loss, dense image-token loss, kind accuracy on shape tokens) of a batch."""
     dense, image_embeds, accuracy = dense_loss(model, head, samples)
     embeds, labels = [], []
     for sample, image in zip(samples, image_embeds):
-        before, after, after_labels = sample_sequence(encode, sample)
+        before, after, after_labels = sample_sequence(tokenizer, sample)
         embed = model.embed_tokens
         embeds.append(torch.cat([embed(torch.tensor(before)), image, embed(torch.tensor(after))]))
         labels.append(torch.tensor([-100] * (len(before) + image.shape[0]) + after_labels))
@@ -288,7 +274,10 @@ def _run_stage(
 
 
 def train(
-    model: MobileVLMReference, encode: Encoder, settings: TrainSettings, log=lambda m: print(m, file=sys.stderr)
+    model: MobileVLMReference,
+    tokenizer: CheckpointTokenizer,
+    settings: TrainSettings,
+    log=lambda m: print(m, file=sys.stderr),
 ) -> dict:
     """Train in place, in two stages; returns their loss records.
 
@@ -307,7 +296,7 @@ def train(
         return {"dense": loss}, {"kind_acc": kind_accuracy}
 
     def joint_losses(samples: list[dataset.TrainSample]) -> tuple[dict, dict]:
-        answers, dense, kind_accuracy = batch_loss(model, head, encode, samples)
+        answers, dense, kind_accuracy = batch_loss(model, head, tokenizer, samples)
         return {"answers": answers, "dense": settings.dense_weight * dense}, {"kind_acc": kind_accuracy}
 
     record: dict[str, Any] = {}
@@ -339,12 +328,13 @@ def train(
 
 
 @torch.no_grad()
-def quick_eval(model: MobileVLMReference, encode: Encoder, items: int, log=lambda m: None) -> dict:
+def quick_eval(model: MobileVLMReference, tokenizer: CheckpointTokenizer, items: int, log=lambda m: None) -> dict:
     """Exact-match of the PyTorch model (FP32) on the first `items` eval items, by kind and subset."""
     results = []
     for item in dataset.eval_items(items):
-        tokens = answer_scene(model, encode, encode.bos, encode.eos, item.scene(), item.question).tokens
-        text = encode.tokenizer.decode([t for t in tokens if t != encode.eos])
+        eos = tokenizer.eos_token_id
+        tokens = answer_scene(model, tokenizer.encode, tokenizer.bos_token_id, eos, item.scene(), item.question).tokens
+        text = tokenizer.decode([t for t in tokens if t != eos])
         results.append((item, text == item.answer))
     return exact_match_summary(results)
 
@@ -378,17 +368,17 @@ def write_tiny_model(out: Path, settings: TrainSettings, log=lambda m: print(m, 
     with atomic_output_dir(out, "checkpoint") as tmp:
         write_json(tmp / "config.json", checkpoint_config())
         write_synthetic_tokenizer(tmp, vocab_size=TEXT["vocab_size"], corpus=tokenizer_corpus(), split_words=True)
-        encode = Encoder(tmp / "tokenizer.json")
+        tokenizer = load_tokenizer(tmp)
         cfg = load_mobilevlm_config(tmp)
         model = MobileVLMReference(cfg, VISION)
         parameters = sum(p.numel() for p in model.parameters())
         log(f"[train] {parameters / 1e6:.2f}M parameters; {settings}")
-        record = train(model, encode, settings, log)
+        record = train(model, tokenizer, settings, log)
         # What is written is what is judged: the FP16 weights, read back as FP32.
         weights = state_dict_published(model)
         model.load_state_dict({k: v.float() for k, v in zip(model.state_dict(), weights.values())}, strict=True)
         log(f"[train] exact-match check on {settings.eval_items} eval items (PyTorch, FP16 weights)")
-        record["eval_check"] = quick_eval(model, encode, settings.eval_items)
+        record["eval_check"] = quick_eval(model, tokenizer, settings.eval_items)
         log(f"[train] {record['eval_check']}")
         write_bytes(tmp / "model.safetensors", save(weights, metadata={"format": "pt"}))
         record.update(
