@@ -59,7 +59,7 @@ lint-fix: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 # Full-size synthetic 1.7B: the main job (build + verify) end to end, export time/memory, quantization accuracy/time/memory, and
-# ONNX Runtime (INT4) vs PyTorch eager speed, the lm_head precision study, and (with the [bench] extra
+# ONNX Runtime (INT4) vs PyTorch eager speed, the lm_head precision study, the INT4 kernel per block size, and (with the [bench] extra
 # installed) ours against llama.cpp Q4_0. Long (tens of minutes) and ~20 GB of disk.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/build_bench.py --preset mobilevlm-v2-1.7b --target orin-agx-64gb --workdir $(BENCH_DIR)
@@ -72,6 +72,7 @@ bench: $(STAMP)
 	status=0; $(BIN)/python benchmarks/llama_cpp_bench.py --checkpoint $(BENCH_DIR)/mobilevlm-v2-1.7b-checkpoint \
 	  --artifacts $(BENCH_DIR)/mobilevlm-v2-1.7b-int4-rtn --workdir $(BENCH_DIR) || status=$$?; \
 	  test $$status -eq 0 -o $$status -eq 3  # 3: skipped, the [bench] extra (llama.cpp) is not installed
+	$(BIN)/python benchmarks/int4_kernel_bench.py --report $(BENCH_DIR)/int4_kernel_bench-1.7b.json
 	$(BIN)/python benchmarks/peg_kernel_bench.py || echo "peg_kernel_bench: needs a CUDA GPU"
 	$(BIN)/python benchmarks/task_bench.py --workdir $(BENCH_DIR)/task
 

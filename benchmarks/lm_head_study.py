@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from int4_kernel_bench import matmulnbits
 from llama_cpp_bench import compare_logits, reference_model, text_weights
 
 from mvlm_compile.errors import MvlmError
@@ -44,7 +45,7 @@ def hidden_states(checkpoint: Path, positions: int, threads: int) -> tuple[np.nd
 
 def nbits_model(weight: np.ndarray, bits: int, block: int, level: int):
     """lm_head as one com.microsoft MatMulNBits node: y[.., vocab] = x[.., hidden] @ W^T."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     vocab, hidden = weight.shape
     blocks = weight.reshape(vocab, hidden // block, block)
@@ -52,27 +53,16 @@ def nbits_model(weight: np.ndarray, bits: int, block: int, level: int):
     scale = np.maximum(np.abs(blocks).max(-1, keepdims=True), 1e-12) / qmax
     # Unsigned codes around MatMulNBits' default zero point 2^(bits-1): symmetric, as ours.
     codes = (np.clip(np.round(blocks / scale), -qmax - 1, qmax) + 2 ** (bits - 1)).astype(np.uint8)
-    packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
-    node = helper.make_node(
-        "MatMulNBits",
-        ["x", "B", "scales"],
-        ["y"],
-        domain="com.microsoft",
-        K=hidden,
-        N=vocab,
-        bits=bits,
-        block_size=block,
-        accuracy_level=level,
-    )
+    node, inits = matmulnbits("y", "x", codes.reshape(vocab, hidden), scale[..., 0], bits, block, level)
     graph = helper.make_graph(
         [node],
         "lm_head",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", hidden])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", vocab])],
-        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scale.reshape(-1).astype(np.float32), "scales")],
+        inits,
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=10), packed.nbytes + scale.size * 4
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10), codes.size * bits // 8 + scale.size * 4
 
 
 def matmul_model(weight: np.ndarray, dtype: str):
