@@ -287,7 +287,8 @@ def optimize(artifacts: Path, allow_missing: tuple[str, ...], as_json: bool) -> 
     "--group-size",
     type=int,
     default=None,
-    help="INT4 scale group along the input dimension. Default: the recipe's (128; tiny 32).",
+    help="INT4 scale group along the input dimension. Default: the recipe's (128; tiny 32). "
+    "256 decodes ~1.35x faster in ONNX Runtime on x86 CPUs, less accurately (README: Benchmarks).",
 )
 @click.option(
     "--keep",
