@@ -1,8 +1,9 @@
 """The shapes model's answers on the held-out eval split at every precision we deploy, through
 ONNX Runtime (the runtime the engines use): exact match and agreement with the FP32 PyTorch
 reference, for FP32 ONNX, FP16 vision/projector, all-FP16 graphs and INT4 RTN / AWQ decoders at
-several group sizes; and every variant's `verify` (components, greedy tokens, task gate) with the
-recipe's tolerances. The numbers behind recipes/tiny-shapes.yaml's tolerances.
+several group sizes (also with int8 activations, as run and bench use them); and every variant's
+`verify` (components, greedy tokens, task gate) with the recipe's tolerances. The numbers behind
+recipes/tiny-shapes.yaml's tolerances.
 
     python benchmarks/task_bench.py --workdir build/task-bench [--group-sizes 32 64 128] [--items N]
 
@@ -83,10 +84,17 @@ def evaluate(variants: dict[str, Path], golden: Path, items: int | None) -> dict
             task = evaluate_task(backend, golden, tolerances, items)
             seconds = time.perf_counter() - started
             checked = verify(backend, golden, tolerances=tolerances, task_items=0)
+            int4 = backend.manifest.graphs["decoder"].get("dtype") == "int4"
+        # The INT4 decoders again as run and bench use them: int8 activations (MatMulNBits level 4).
+        task_int8 = None
+        if int4:
+            with OrtBackend(artifacts, int4_activations="int8") as backend:
+                task_int8 = evaluate_task(backend, golden, tolerances, items)
         components = checked.checks
         results[name] = {
             "artifacts": str(artifacts),
             "task": task,
+            "task_int8_activations": task_int8,
             "task_seconds": round(seconds, 1),
             "verify_passed": checked.passed and task.passed,
             "worst_rel_to_scale": max(c.metrics["rel_to_scale"] for c in components),
@@ -127,14 +135,17 @@ def table(results: dict) -> str:
     rows = []
     for name, r in results.items():
         s = r["task"].summary()
+        s8 = r["task_int8_activations"].summary() if r["task_int8_activations"] else {}
         rows.append(
             (
                 name,
                 pct(s["exact_match"]),
+                pct(s8.get("exact_match")),
                 pct(s["held_out_combination"]),
                 pct(s["held_out_phrasing"]),
                 pct(s["seen"]),
                 pct(s["identical_to_reference"]),
+                pct(s8.get("identical_to_reference")),
                 pct(s["token_agreement"]),
                 f"{r['worst_rel_to_scale']:.3g}",
                 f"{r['worst_cosine']:.5f}",
@@ -145,10 +156,12 @@ def table(results: dict) -> str:
     header = (
         "variant",
         "exact %",
+        "exact %, int8 act",
         "held-out combos %",
         "held-out wording %",
         "seen %",
         "identical to FP32 ref %",
+        "identical %, int8 act",
         "token agreement %",
         "worst err/scale",
         "worst cosine",
@@ -181,7 +194,12 @@ def main() -> None:
         "golden": str(args.golden),
         "calibration": "the recipe's: the first samples of the task's train split (never the eval split)",
         "variants": {
-            name: {**{k: v for k, v in r.items() if k != "task"}, "task": r["task"].summary(), "gate": r["task"].gate()}
+            name: {
+                **{k: v for k, v in r.items() if k not in ("task", "task_int8_activations")},
+                "task": r["task"].summary(),
+                "gate": r["task"].gate(),
+                "task_int8_activations": r["task_int8_activations"] and r["task_int8_activations"].summary(),
+            }
             for name, r in results.items()
         },
         "random_tiny_int4_awq_greedy": random,
