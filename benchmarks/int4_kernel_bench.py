@@ -97,15 +97,17 @@ def step_model(linears: Sequence[tuple[str, int, int]], block: int, level: int, 
     return helper.make_model(graph, opset_imports=opsets, ir_version=10), nbytes
 
 
-def time_step(model, threads: int, repeats: int, warmup: int = 3) -> np.ndarray:
-    """Seconds of each of `repeats` runs of `model` on one token."""
+def cpu_session(model, threads: int):
+    """An ONNX Runtime CPU session on `threads` threads for an in-memory model."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(1)
-    feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_runs(session, feed: dict[str, np.ndarray], repeats: int, warmup: int = 3) -> np.ndarray:
+    """Seconds of each of `repeats` runs of `session` on `feed`, after `warmup` untimed ones."""
     for _ in range(warmup):
         session.run(None, feed)
     times = []
@@ -114,6 +116,14 @@ def time_step(model, threads: int, repeats: int, warmup: int = 3) -> np.ndarray:
         session.run(None, feed)
         times.append(time.perf_counter() - started)
     return np.asarray(times)
+
+
+def time_step(model, threads: int, repeats: int) -> np.ndarray:
+    """Seconds of each of `repeats` runs of `model` on one token."""
+    session = cpu_session(model, threads)
+    rng = np.random.default_rng(1)
+    feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
+    return time_runs(session, feed, repeats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from int4_kernel_bench import matmulnbits
+from int4_kernel_bench import cpu_session, matmulnbits, time_runs
 from llama_cpp_bench import compare_logits, reference_model, text_weights
 
 from mvlm_compile.errors import MvlmError
@@ -92,21 +91,9 @@ def matmul_model(weight: np.ndarray, dtype: str):
 
 
 def measure(model, hidden: np.ndarray, reference: np.ndarray, threads: int, repeats: int) -> dict:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(model, threads)
     logits = session.run(None, {"x": hidden})[0]
-    one = hidden[:1]
-    for _ in range(10):
-        session.run(None, {"x": one})
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run(None, {"x": one})
-        times.append(time.perf_counter() - started)
-    ms = 1e3 * np.asarray(times)
+    ms = 1e3 * time_runs(session, {"x": hidden[:1]}, repeats, warmup=10)
     return {
         **compare_logits(logits, reference),
         "decode_ms_median": round(float(np.median(ms)), 3),
