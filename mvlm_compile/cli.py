@@ -669,17 +669,20 @@ def run(
     stream: bool,
 ) -> None:
     """Answer a question about an image."""
-    from mvlm_compile.model.preprocess import load_image, preprocess_image
-    from mvlm_compile.runtime.pipeline import Chat, Pipeline, Sampling
+    from mvlm_compile.model.preprocess import load_image
+    from mvlm_compile.session import Session
 
-    pixel_values = preprocess_image(load_image(image))
-    with _open_backend(backend, artifacts, engines, threads, int4_activations) as runner:
-        chat = Chat(Pipeline(runner))
-        on_text = (lambda piece: click.echo(piece, nl=False)) if stream else None
-        text = chat.generate(
-            pixel_values, prompt, max_new_tokens, Sampling(temperature, top_p, seed), stop or ("</s>",), on_text
+    picture = load_image(image)  # before the model loads: a bad file fails fast
+    with Session(artifacts, backend, engines, threads, int4_activations) as session:
+        options = dict(
+            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ("</s>",)
         )
-    click.echo("" if stream else text)
+        if stream:
+            for piece in session.generate(picture, prompt, stream=True, **options):
+                click.echo(piece, nl=False)
+            click.echo("")
+        else:
+            click.echo(session.generate(picture, prompt, **options).text)
 
 
 @cli.command()

@@ -396,7 +396,7 @@ def test_an_unexpected_error_is_status_4_in_one_line_and_debug_shows_it(tiny_art
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(pipeline.Chat, "generate", broken)
+    monkeypatch.setattr(pipeline.Chat, "answer", broken)
     args = ("run", tiny_artifacts, "--image", GOLDEN_TINY / "image.png", "--prompt", "What?")
     result = _cli(*args)
     assert result.exit_code == EXIT_INTERNAL_ERROR

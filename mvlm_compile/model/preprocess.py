@@ -12,6 +12,7 @@ declares 40000x1 pixels, or a decompression bomb, is an input error, not an out-
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -27,6 +28,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 336
 MAX_IMAGE_PIXELS = 50_000_000  # of the padded square: about 150 MB as 8-bit RGB
+MAX_IMAGE_FILE_BYTES = 256 * 2**20  # read whole before decoding: larger than any image within MAX_IMAGE_PIXELS
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -89,8 +91,8 @@ def preprocess_image(image: Image.Image, image_size: int = IMAGE_SIZE) -> np.nda
     return np.ascontiguousarray(array.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode an image file, once its header shows that pre-processing stays within MAX_IMAGE_PIXELS."""
+def read_image_file(path: Path) -> bytes:
+    """An image file's bytes: a regular, non-empty file of at most MAX_IMAGE_FILE_BYTES."""
     path = Path(path)
     try:
         info = os.stat(path)
@@ -104,24 +106,40 @@ def load_image(path: Path) -> Image.Image:
         raise MvlmError(f"{path}: not a regular file, not an image file")
     if info.st_size == 0:
         raise MvlmError(f"{path}: empty file (0 bytes), not an image")
+    if info.st_size > MAX_IMAGE_FILE_BYTES:
+        raise MvlmError(f"{path}: {info.st_size} bytes; an image file may have at most {MAX_IMAGE_FILE_BYTES}")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise MvlmError(f"{path}: unreadable image file ({e.strerror or e})") from None
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file, once its header shows that pre-processing stays within MAX_IMAGE_PIXELS."""
+    return decode_image(read_image_file(path), str(path))
+
+
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """Decode an encoded image (PNG, JPEG, ...) held in memory, once its header shows that
+    pre-processing stays within MAX_IMAGE_PIXELS."""
+    if not data:
+        raise MvlmError(f"{what}: empty (0 bytes), not an image")
     try:
         with warnings.catch_warnings():
             # Pillow warns, then raises, at its own higher pixel limit: make both errors here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only
-                check_image_size(*image.size, what=str(path))
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                check_image_size(*image.size, what=what)
                 image.load()
                 return image.copy()
     except MvlmError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise MvlmError(f"{path}: refused as a decompression bomb ({e})") from None
-    except PermissionError as e:
-        raise MvlmError(f"{path}: unreadable image file ({e.strerror or e})") from None
+        raise MvlmError(f"{what}: refused as a decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:
-        raise MvlmError(f"{path}: not an image file (unknown format)") from None
+        raise MvlmError(f"{what}: not an image file (unknown format)") from None
     except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, EOFError... on broken files
-        raise MvlmError(f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        raise MvlmError(f"{what}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def golden_image() -> Image.Image:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +136,17 @@ def check_question(question: str) -> None:
         raise MvlmError("--prompt: is empty")
 
 
+@dataclass
+class Generation:
+    """One answer's accounting, filled in as its tokens are made (OpenAI's `usage` and `finish_reason`)."""
+
+    prompt_ids: list[int] = field(repr=False)  # the image token once, where the image goes
+    prompt_tokens: int  # the image's tokens included
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length" (max tokens) or "cancelled"
+
+
 class Chat:
     """Image + question -> answer text, with the checkpoint's tokenizer and the 'v1' template."""
 
@@ -155,6 +166,58 @@ class Chat:
     def prompt_ids(self, question: str) -> list[int]:
         return tokenize_with_image(build_prompt(question), lambda text: self.tokenizer.encode(text).ids, self.bos)
 
+    def prepare(self, question: str, max_new_tokens: int, stop: Sequence[str]) -> Generation:
+        """A request checked against the options' ranges and the backend's limits before any graph runs."""
+        check_question(question)
+        if max_new_tokens < 1:
+            raise MvlmError(f"--max-new-tokens {max_new_tokens}: expected at least 1")
+        if any(not s for s in stop):
+            raise MvlmError("--stop: an empty stop string would stop before the first token")
+        ids = self.prompt_ids(question)
+        prompt_tokens = len(ids) - 1 + int(self.pipeline.backend.manifest.model["image_tokens"])
+        # The backend's limits: an engine's profiles may be tighter than the model's context.
+        self.pipeline.backend.limits.check(prompt_tokens, max_new_tokens)
+        return Generation(ids, prompt_tokens)
+
+    def answer(
+        self,
+        generation: Generation,
+        image_embeds: np.ndarray,
+        max_new_tokens: int,
+        sampling: Sampling,
+        stop: Sequence[str],
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Iterator[str]:
+        """The answer's new text pieces for a prepared `generation`, which they are accounted in.
+        Stops at EOS, a stop string, max_new_tokens, or between two tokens once `cancelled()`."""
+        rng = np.random.default_rng(sampling.seed)
+        logits = self.pipeline.prefill(self.pipeline.splice(generation.prompt_ids, image_embeds))
+        tokens: list[int] = []
+        while True:
+            if cancelled():
+                generation.finish_reason = "cancelled"
+                return
+            token = next_token(logits[0], sampling, rng)
+            if token == self.eos:
+                generation.finish_reason = "stop"
+                return
+            tokens.append(token)
+            generation.completion_tokens = len(tokens)
+            new_text = self.tokenizer.decode(tokens)
+            hit = next((s for s in stop if s in new_text), None)
+            if hit is not None:
+                new_text = new_text[: new_text.index(hit)]
+            piece, generation.text = new_text[len(generation.text) :], new_text
+            if piece:
+                yield piece
+            if hit is not None:
+                generation.finish_reason = "stop"
+                return
+            if len(tokens) == max_new_tokens:
+                generation.finish_reason = "length"
+                return
+            logits = self.pipeline.decode(token)
+
     def generate(
         self,
         pixel_values: np.ndarray,
@@ -165,32 +228,9 @@ class Chat:
         on_text: Callable[[str], None] | None = None,
     ) -> str:
         """Answer text; stops at EOS, a stop string or max_new_tokens; `on_text` gets each new piece."""
-        check_question(question)
-        if max_new_tokens < 1:
-            raise MvlmError(f"--max-new-tokens {max_new_tokens}: expected at least 1")
-        if any(not s for s in stop):
-            raise MvlmError("--stop: an empty stop string would stop before the first token")
-        ids = self.prompt_ids(question)
-        prompt_tokens = len(ids) - 1 + int(self.pipeline.backend.manifest.model["image_tokens"])
-        # The backend's limits: an engine's profiles may be tighter than the model's context.
-        self.pipeline.backend.limits.check(prompt_tokens, max_new_tokens)
-        rng = np.random.default_rng(sampling.seed)
-        logits = self.pipeline.prefill(self.pipeline.splice(ids, self.pipeline.image_embeds(pixel_values)))
-        tokens: list[int] = []
-        text = ""
-        while len(tokens) < max_new_tokens:
-            token = next_token(logits[0], sampling, rng)
-            if token == self.eos:
-                break
-            tokens.append(token)
-            new_text = self.tokenizer.decode(tokens)
-            hit = next((s for s in stop if s in new_text), None)
-            if hit is not None:
-                new_text = new_text[: new_text.index(hit)]
-            if on_text and len(new_text) > len(text):
-                on_text(new_text[len(text) :])
-            text = new_text
-            if hit is not None:
-                break
-            logits = self.pipeline.decode(token)
-        return text
+        generation = self.prepare(question, max_new_tokens, stop)
+        image_embeds = self.pipeline.image_embeds(pixel_values)
+        for piece in self.answer(generation, image_embeds, max_new_tokens, sampling, stop):
+            if on_text:
+                on_text(piece)
+        return generation.text
