@@ -57,7 +57,9 @@ def _os_error_line(e: OSError) -> str:
     what = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system"}.get(
         e.errno, e.strerror or str(e)
     )
-    return f"{e.filename}: {what}" if e.filename else what
+    # A copy that fills the disk names its source first and its destination second: name what did not fit.
+    name = e.filename2 if e.errno == errno.ENOSPC and e.filename2 else e.filename
+    return f"{name}: {what}" if name else what
 
 
 def _quiet_libraries() -> None:

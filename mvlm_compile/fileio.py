@@ -9,6 +9,7 @@ The rules they enforce:
   when held elsewhere. Holding the exclusive lock, the staging leftovers of a killed run are
   removed.
 - Names read from a manifest resolve inside their directory.
+- A write that fails names its file, a full disk's ENOSPC (which write() raises nameless) too.
 - Files and directories honour the umask, like any other tool's.
 """
 
@@ -71,19 +72,32 @@ def make_temp_dir(parent: Path, prefix: str, suffix: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def naming_errors(path: Path) -> Iterator[None]:
+    """An OSError raised while writing `path` names it: write() on a full disk raises ENOSPC with
+    no file name, and the one-line error must still say which output did not fit."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a file atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with naming_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -177,9 +191,10 @@ def directory_lock(directory: Path, exclusive: bool = True) -> Iterator[None]:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _lock_holder(fd) if exclusive else "writing"  # a shared lock waits only on a writer
             os.close(fd)
             raise MvlmError(
-                f"{directory}: in use by another mvlm-compile ({'writing' if exclusive else 'reading or writing'}); "
+                f"{directory}: in use by another mvlm-compile ({holder}); "
                 "wait for it to finish (the lock is released when that process ends)"
             ) from None
         _held[key] = [fd, 1]
@@ -191,6 +206,17 @@ def directory_lock(directory: Path, exclusive: bool = True) -> Iterator[None]:
         if fd is not None:
             del _held[key]
             os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """What the process holding the lock file `fd` does: "reading" when a shared lock can be had
+    (readers hold shared locks: verify, run, eval, bench), else "writing"."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "writing"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return "reading"
 
 
 def remove_staging_leftovers(directory: Path, name: str | None = None) -> list[Path]:
