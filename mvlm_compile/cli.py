@@ -89,15 +89,40 @@ def _progress(stage: str):
     return lambda message: click.echo(f"[{stage}] {message}", err=True)
 
 
-def _check_report(report: Path | None, *inputs: Path) -> None:
-    """--report must be a file outside the command's inputs: a report never overwrites what it reports on."""
+def _check_report(report: Path | None, *inputs: Path, junit: bool = False) -> None:
+    """--report must be a file outside the command's inputs (a report never overwrites what it
+    reports on) that may be written (fileio.check_user_file: never a symbolic link). With `junit`
+    (verify), the JUnit XML beside it (_junit_path) is held to the same rules."""
     if report is None:
         return
-    if report.is_dir():
-        raise MvlmError(f"--report {report}: is a directory; give a file name")
-    for source in inputs:
-        if report.resolve().is_relative_to(Path(source).resolve()):
-            raise MvlmError(f"--report {report}: is inside the input {source}; write it elsewhere")
+    from mvlm_compile.fileio import check_user_file
+
+    paths = [report]
+    if junit:
+        if report.suffix == ".xml":
+            raise MvlmError(
+                f"--report {report}: the report is JSON, and the JUnit XML goes beside it as .xml: name it .json"
+            )
+        paths += [p for p in [_junit_path(report)] if p is not None]
+    for path in paths:
+        check_user_file(path, "--report")
+        for source in inputs:
+            if path.resolve().is_relative_to(Path(source).resolve()):
+                raise MvlmError(f"--report {report}: {path} is inside the input {source}; write it elsewhere")
+
+
+def _junit_path(report: Path) -> Path | None:
+    """verify's JUnit XML, beside a report that is a regular file (or new); none beside a device or
+    a pipe (`--report /dev/null` writes no /dev/null.xml)."""
+    from mvlm_compile.fileio import is_regular_or_new
+
+    return report.with_suffix(".xml") if is_regular_or_new(report) else None
+
+
+def _write_report(report: Path, data: Any) -> None:
+    from mvlm_compile.fileio import write_user_file
+
+    write_user_file(report, (json.dumps(data, indent=2) + "\n").encode(), "--report")
 
 
 def _artifacts_of(path: Path) -> tuple[Path, Path]:
@@ -545,13 +570,13 @@ def verify(
 ) -> None:
     """Compare every component and the greedy tokens with the golden tensors (exit 1 beyond tolerance);
     for a task model, also its answers to held-out questions."""
-    from mvlm_compile.fileio import write_json
+    from mvlm_compile.fileio import write_user_file
     from mvlm_compile.manifest import MANIFEST_NAME, REFERENCE_DIR
     from mvlm_compile.verify.verifier import VERIFY_TASK_ITEMS
     from mvlm_compile.verify.verifier import verify as run_verify
 
     _quiet_libraries()
-    _check_report(report, artifacts, golden)
+    _check_report(report, artifacts, golden, junit=True)
     with _open_backend(backend, artifacts, engines, threads) as runner:  # INT4 activations stay fp32
         tolerances = _recipe_tolerances(recipe, runner.manifest)
         kept = runner.artifacts / REFERENCE_DIR
@@ -559,8 +584,10 @@ def verify(
         items = VERIFY_TASK_ITEMS if task_items is None else task_items
         result = run_verify(runner, golden, tolerances=tolerances, reference=reference, task_items=items)
     if report is not None:
-        write_json(report, result.to_json())
-        result.write_junit(report.with_suffix(".xml"))
+        _write_report(report, result.to_json())
+        junit = _junit_path(report)
+        if junit is not None:
+            write_user_file(junit, result.junit_xml(), "--report")
     if as_json:
         _echo_json(result.to_json())
     else:
@@ -613,7 +640,6 @@ def evaluate(
 ) -> None:
     """Answer the held-out task questions with each ARTIFACTS: exact match, agreement with the FP32 reference
     (exit 1 when one fails its precision's task gate)."""
-    from mvlm_compile.fileio import write_json
     from mvlm_compile.verify.task_eval import evaluate_task as run_task
     from mvlm_compile.verify.task_eval import load_task_golden, task_table
 
@@ -633,7 +659,7 @@ def evaluate(
         "passed": all(e.passed for _, e in evals),
     }
     if report is not None:
-        write_json(report, record)
+        _write_report(report, record)
     if as_json:
         _echo_json(record)
     else:
@@ -723,7 +749,6 @@ def bench(
     as_json: bool,
 ) -> None:
     """Latency of vision, projector, prefill and decode tokens/s (median, p90), with PyTorch eager ratios."""
-    from mvlm_compile.fileio import write_json
     from mvlm_compile.runtime.bench import bench_backend, bench_torch_eager, ratios
     from mvlm_compile.runtime.pipeline import Pipeline
 
@@ -748,7 +773,7 @@ def bench(
     if interactive:
         click.echo("", err=True)
     if report is not None:
-        write_json(report, results)
+        _write_report(report, results)
     if as_json:
         _echo_json(results)
         return

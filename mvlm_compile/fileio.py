@@ -9,6 +9,8 @@ The rules they enforce:
   when held elsewhere. Holding the exclusive lock, the staging leftovers of a killed run are
   removed.
 - Names read from a manifest resolve inside their directory.
+- A file the user names (`--report`) is never replaced unless it is a regular file: devices and
+  pipes are written through, symbolic links refused.
 - A write that fails names its file, a full disk's ENOSPC (which write() raises nameless) too.
 - Files and directories honour the umask, like any other tool's.
 """
@@ -23,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -98,6 +101,57 @@ def write_bytes(path: Path, data: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def check_user_file(path: Path, option: str) -> None:
+    """A file the user named for us to write (`--report`): new, a regular file (replaced
+    atomically), a character device or a pipe (written through, never replaced: /dev/null stays
+    a device). A symbolic link is refused, neither followed nor replaced (a link planted in a
+    shared directory must not redirect a root's write); so are directories and block devices."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise MvlmError(f"{option} {path}: is a symbolic link; give the file it points to")
+    if stat.S_ISDIR(mode):
+        raise MvlmError(f"{option} {path}: is a directory; give a file name")
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        raise MvlmError(f"{option} {path}: is not a regular file, a character device or a pipe")
+
+
+def is_regular_or_new(path: Path) -> bool:
+    """`path` does not exist, or is a regular file (not a link, device or pipe)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def write_user_file(path: Path, data: bytes, option: str) -> None:
+    """Write a file the user named (check_user_file says which): atomically when it is new or
+    regular, else written through (a device or a pipe, which a rename would replace)."""
+    path = Path(path)
+    check_user_file(path, option)
+    if is_regular_or_new(path):
+        write_bytes(path, data)
+        return
+    with naming_errors(path):
+        try:
+            # No O_CREAT: it exists. O_NOFOLLOW: a link swapped in since is not followed.
+            # O_NONBLOCK: a pipe nobody reads is an error, not a hang.
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                raise MvlmError(f"{option} {path}: a pipe that no process reads") from None
+            if e.errno == errno.ELOOP:
+                raise MvlmError(f"{option} {path}: is a symbolic link; give the file it points to") from None
+            raise
+        with os.fdopen(fd, "wb") as f:
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # replaced by a regular file since: no partial write there
+                raise MvlmError(f"{option} {path}: changed while being written; try again")
+            os.set_blocking(fd, True)
+            f.write(data)
 
 
 def write_json(path: Path, obj: Any) -> None:

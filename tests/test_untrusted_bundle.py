@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,87 @@ def _graph_hashes(artifacts: Path) -> dict[str, str]:
     return {name: graph["sha256"] for name, graph in load_manifest(artifacts).graphs.items()}
 
 
+# 2. --report never replaces what is there ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_a_report_that_is_a_symbolic_link_is_refused_and_neither_end_is_touched(bundle, tmp_path, command):
+    target, link, dangling = tmp_path / "target.json", tmp_path / "link.json", tmp_path / "dangling.json"
+    target.write_text("precious")
+    link.symlink_to(target)
+    dangling.symlink_to(tmp_path / "would-be-created.json")
+    for report in (link, dangling):
+        result = _verify(bundle, "--report", report) if command == "verify" else _bench(bundle, "--report", report)
+        _assert_input_error(result, f"--report {report}: is a symbolic link")
+    assert link.is_symlink() and dangling.is_symlink() and target.read_text() == "precious"
+    assert not (tmp_path / "would-be-created.json").exists()
+
+
+def test_the_junit_xml_beside_a_verify_report_is_held_to_the_same_rules(bundle, tmp_path):
+    target = tmp_path / "target.xml"
+    target.write_text("precious")
+    (tmp_path / "report.xml").symlink_to(target)
+    _assert_input_error(_verify(bundle, "--report", tmp_path / "report.json"), "report.xml: is a symbolic link")
+    assert target.read_text() == "precious" and not (tmp_path / "report.json").exists()
+
+
+def test_a_verify_report_named_xml_is_refused_rather_than_overwritten_by_the_junit(bundle, tmp_path):
+    _assert_input_error(_verify(bundle, "--report", tmp_path / "report.xml"), "name it .json")
+    assert not (tmp_path / "report.xml").exists()
+
+
+def test_a_report_into_a_pipe_is_written_through_and_the_pipe_stays(bundle, tmp_path):
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    try:
+        result = _bench(bundle, "--report", fifo)
+        assert result.exit_code == 0, result.output
+        received, _ = reader.communicate(timeout=60)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert json.loads(received)["backend"] == "ort"
+
+
+def test_a_report_into_a_pipe_nobody_reads_is_one_line_not_a_hang(tmp_path):
+    from mvlm_compile.errors import MvlmError
+    from mvlm_compile.fileio import write_user_file
+
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(MvlmError, match="a pipe that no process reads"):
+        write_user_file(fifo, b"{}", "--report")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def _device(path: Path, kind: int, major: int, minor: int) -> Path:
+    """A device node in tmp (never the real /dev entries): needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root (the pipe tests cover non-regular files otherwise)")
+    os.mknod(path, kind | 0o666, os.makedev(major, minor))
+    return path
+
+
+def test_a_report_into_a_character_device_stays_a_device_and_gets_no_junit_beside_it(bundle, tmp_path):
+    null = _device(tmp_path / "null", stat.S_IFCHR, 1, 3)  # what /dev/null is
+    result = _verify(bundle, "--report", null)
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISCHR(os.lstat(null).st_mode)
+    assert not (tmp_path / "null.xml").exists()
+
+
+def test_a_report_onto_a_block_device_is_refused(tmp_path):
+    from mvlm_compile.errors import MvlmError
+    from mvlm_compile.fileio import write_user_file
+
+    disk = _device(tmp_path / "disk", stat.S_IFBLK, 60, 0)  # 60: a local/experimental major, no driver
+    with pytest.raises(MvlmError, match="not a regular file, a character device or a pipe"):
+        write_user_file(disk, b"{}", "--report")
+    assert stat.S_ISBLK(os.lstat(disk).st_mode)
+
+
 # 5. Smaller: quoted commands, recipes named by the manifest, lock messages, full disks --------------
 
 
@@ -192,3 +274,9 @@ def test_a_copy_that_fills_the_disk_names_the_destination():
 
     copying = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/src/decoder.onnx.data", None, "/dst/decoder.onnx.data")
     assert _os_error_line(copying) == "/dst/decoder.onnx.data: no space left on the device"
+
+
+def test_a_report_onto_a_full_device_names_it(bundle, tmp_path):
+    full = _device(tmp_path / "full", stat.S_IFCHR, 1, 7)  # what /dev/full is: every write is ENOSPC
+    _assert_input_error(_bench(bundle, "--report", full), f"{full}: no space left on the device")
+    assert stat.S_ISCHR(os.lstat(full).st_mode)
