@@ -401,6 +401,15 @@ def quantize(
         )
 
 
+_plugin_option = click.option(
+    "--plugin",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="The PEG plugin library (libmvlm_peg_plugin.so) for TensorRT. Default: $MVLM_PEG_PLUGIN, else this "
+    "installation's plugins/peg/build (make plugin); a library inside a bundle is loaded only when named here.",
+)
+
+
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
@@ -421,6 +430,7 @@ def quantize(
 )
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Decoder batch (default: target, then recipe).")
 @click.option("--force", is_flag=True, help="Rerun every stage even when its inputs are unchanged.")
+@_plugin_option
 @_json_option
 def build(
     source: Path,
@@ -431,6 +441,7 @@ def build(
     context: int | None,
     batch: int | None,
     force: bool,
+    plugin: Path | None,
     as_json: bool,
 ) -> None:
     """SOURCE (a checkpoint or a bundle) -> golden, export, optimize, quantize -> TensorRT engines.
@@ -458,6 +469,7 @@ def build(
         batch=batch,
         force=force,
         progress=_progress("build"),
+        plugin=plugin,
     )
     summary = {
         "bundle": str(result.bundle),
@@ -479,13 +491,15 @@ def build(
     if result.engines_dir is None:
         raise EnginesDeferred(
             f"engines not built here: {result.deferred_reason}\n"
-            f"bundle ready: {result.bundle}; copy it to the target and run:\n  {result.target_command}"
+            f"bundle ready: {result.bundle}; copy it to the target and follow its BUILD_ON_TARGET.txt, "
+            f"which builds with:\n  {result.target_command}"
         )
     if not as_json:  # stdout is the JSON document alone
         click.echo(f"engines in {result.engines_dir}")
 
 
 def _backend_options(fn):
+    fn = _plugin_option(fn)
     fn = click.option(
         "--threads",
         type=click.IntRange(min=0),
@@ -519,7 +533,14 @@ def _int4_activations_option(fn):
     )(fn)
 
 
-def _open_backend(backend: str, path: Path, engines: Path | None, threads: int = 0, int4_activations: str = "fp32"):
+def _open_backend(
+    backend: str,
+    path: Path,
+    engines: Path | None,
+    threads: int = 0,
+    int4_activations: str = "fp32",
+    plugin: Path | None = None,
+):
     """The backend over ARTIFACTS (a bundle or an artifacts directory), as a context manager."""
     from mvlm_compile.bundle import default_engines_dir
     from mvlm_compile.runtime.backend import open_backend
@@ -527,7 +548,7 @@ def _open_backend(backend: str, path: Path, engines: Path | None, threads: int =
     bundle, artifacts = _artifacts_of(path)
     if backend == "trt" and engines is None:
         engines = default_engines_dir(bundle)
-    return open_backend(backend, artifacts, engines, threads, int4_activations)
+    return open_backend(backend, artifacts, engines, threads, int4_activations, plugin)
 
 
 @cli.command()
@@ -562,6 +583,7 @@ def verify(
     backend: str,
     engines: Path | None,
     threads: int,
+    plugin: Path | None,
     recipe: str | None,
     reference: Path | None,
     report: Path | None,
@@ -577,8 +599,8 @@ def verify(
 
     _quiet_libraries()
     _check_report(report, artifacts, golden, junit=True)
-    with _open_backend(backend, artifacts, engines, threads) as runner:  # INT4 activations stay fp32
-        tolerances = _recipe_tolerances(recipe, runner.manifest)
+    with _open_backend(backend, artifacts, engines, threads, plugin=plugin) as runner:  # INT4 activations stay fp32
+        tolerances = _recipe_tolerances(recipe, runner.manifest, runner.artifacts)
         kept = runner.artifacts / REFERENCE_DIR
         reference = reference or (kept if (kept / MANIFEST_NAME).exists() else None)
         items = VERIFY_TASK_ITEMS if task_items is None else task_items
@@ -606,12 +628,13 @@ def verify(
         raise NumericalFailure(f"{artifacts}: outputs differ from the golden tensors in {golden} beyond tolerance")
 
 
-def _recipe_tolerances(recipe: str | None, manifest) -> dict | None:
+def _recipe_tolerances(recipe: str | None, manifest, artifacts: Path) -> dict | None:
     """The tolerances of `--recipe`, else of the recipe the artifacts were exported with."""
-    from mvlm_compile.recipes import load_recipe
+    from mvlm_compile.manifest import MANIFEST_NAME
+    from mvlm_compile.recipes import load_recipe, manifest_recipe
 
-    name = recipe or manifest.model.get("recipe")
-    return load_recipe(name).tolerances if name else None
+    chosen = load_recipe(recipe) if recipe else manifest_recipe(manifest, Path(artifacts) / MANIFEST_NAME)
+    return chosen.tolerances if chosen else None
 
 
 @cli.command(name="eval")
@@ -633,6 +656,7 @@ def evaluate(
     backend: str,
     engines: Path | None,
     threads: int,
+    plugin: Path | None,
     items: int | None,
     recipe: str | None,
     report: Path | None,
@@ -649,8 +673,9 @@ def evaluate(
     load_task_golden(golden)  # a missing or damaged task file fails before any graph is loaded
     evals = []
     for path in artifacts:
-        with _open_backend(backend, path, engines, threads) as runner:  # INT4 activations fp32, as verify
-            tolerances = _recipe_tolerances(recipe, runner.manifest)
+        # INT4 activations fp32, as verify
+        with _open_backend(backend, path, engines, threads, plugin=plugin) as runner:
+            tolerances = _recipe_tolerances(recipe, runner.manifest, runner.artifacts)
             evals.append((str(path), run_task(runner, golden, tolerances, items, _progress(f"eval {path}"))))
     record = {
         "golden": str(golden),
@@ -689,6 +714,7 @@ def run(
     backend: str,
     engines: Path | None,
     threads: int,
+    plugin: Path | None,
     int4_activations: str,
     temperature: float,
     top_p: float,
@@ -701,7 +727,7 @@ def run(
     from mvlm_compile.runtime.pipeline import Chat, Pipeline, Sampling
 
     pixel_values = preprocess_image(load_image(image))
-    with _open_backend(backend, artifacts, engines, threads, int4_activations) as runner:
+    with _open_backend(backend, artifacts, engines, threads, int4_activations, plugin) as runner:
         chat = Chat(Pipeline(runner))
         on_text = (lambda piece: click.echo(piece, nl=False)) if stream else None
         text = chat.generate(
@@ -738,6 +764,7 @@ def bench(
     backend: str,
     engines: Path | None,
     threads: int,
+    plugin: Path | None,
     int4_activations: str,
     checkpoint: Path | None,
     vision_tower: Path | None,
@@ -763,7 +790,7 @@ def bench(
     results: dict[str, Any] = {"backend": backend, "prompt_tokens": prompt_tokens, "threads": threads}
     if backend == "ort":
         results["int4_activations"] = int4_activations  # the precision the figures were measured at
-    with _open_backend(backend, artifacts, engines, threads, int4_activations) as runner:
+    with _open_backend(backend, artifacts, engines, threads, int4_activations, plugin) as runner:
         results[backend] = bench_backend(Pipeline(runner), prompt_tokens, decode_steps, warmup, repeats, progress)
     if checkpoint is not None:
         results["torch_eager_fp32"] = bench_torch_eager(

@@ -3,7 +3,8 @@
 Written by the engine stage (mvlm_compile.engine), read by the TensorRT backend before it loads
 an engine: engines are not portable between builder flavours (TensorRT, TensorRT-RTX), their
 versions, compute capabilities or plugin builds, so a mismatch is refused with the reason rather
-than failing inside TensorRT. The decoder's optimisation profiles recorded here are also the
+than failing inside TensorRT. The plugin library's hash is checked before the library is
+loaded (loading runs its code). The decoder's optimisation profiles recorded here are also the
 prompt and context limits the runtime enforces (`decoder_limits`).
 """
 
@@ -79,7 +80,8 @@ def check_engines_record(
     plugin_path: Path | None,
 ) -> dict:
     """engines.json must match this builder flavour and version, this GPU's compute capability,
-    the plugin library (when the projector holds the plugin), and every engine its recorded hash."""
+    the plugin library at `plugin_path` (when the projector holds the plugin; checked before
+    anything loads it), and every engine its recorded hash."""
     path = Path(engines_dir) / ENGINES_MANIFEST
     record = require_engines_record(engines_dir)
     builder = record["builder"]
@@ -93,18 +95,32 @@ def check_engines_record(
             f"{path}: engines built for compute capability {builder['compute_capability']} "
             f"({record['target']}), this is {here}: rebuild"
         )
-    if record["plugin"].get("mode") == PEG_PLUGIN:
-        if plugin_path is None:
-            raise ArtifactError(f"{path}: the projector engine holds the PEG plugin, but no plugin library was given")
-        if record["plugin"].get("sha256") != sha256_file(plugin_path):
-            raise ArtifactError(
-                f"{path}: built with another PEG plugin library than {plugin_path} (hash differs): rebuild"
-            )
+    check_plugin_library(engines_dir, record, plugin_path)
     for name in record["engines"]:
         file = engine_path(engines_dir, record, name)
         if not file.is_file() or sha256_file(file) != record["engines"][name]["sha256"]:
             raise ArtifactError(f"{file}: missing or its content differs from {ENGINES_MANIFEST} (corrupt or replaced)")
     return record
+
+
+def check_plugin_library(engines_dir: Path, record: dict[str, Any], plugin_path: Path | None) -> None:
+    """When the projector engine holds the PEG plugin: `plugin_path` (the library the user chose)
+    has the SHA-256 the engines were built with. Called before the library is loaded, since
+    loading runs its code: a library that is not the recorded one never is."""
+    path = Path(engines_dir) / ENGINES_MANIFEST
+    if record["plugin"].get("mode") != PEG_PLUGIN:
+        return
+    if plugin_path is None:
+        raise ArtifactError(
+            f"{path}: the projector engine holds the PEG plugin: pass --plugin PATH (or set $MVLM_PEG_PLUGIN) "
+            "to the library it was built with; a library in a bundle or an engines directory is never loaded "
+            "unless named"
+        )
+    if record["plugin"].get("sha256") != sha256_file(plugin_path):
+        raise ArtifactError(
+            f"{path}: built with another PEG plugin library than {plugin_path} (SHA-256 differs), so it was not "
+            "loaded: give the library the engines were built with, or rebuild"
+        )
 
 
 @dataclass(frozen=True)

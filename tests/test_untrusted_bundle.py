@@ -11,6 +11,7 @@ rtx extra, CPU-only) and skip with the reason where it is not installed.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -23,11 +24,12 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import GOLDEN_TINY, TINY_BUNDLE, copy_tiny_bundle
+from conftest import GOLDEN_TINY, REPO, TINY_BUNDLE, copy_tiny_bundle
 
 from mvlm_compile import peg_op
 from mvlm_compile.cli import cli
-from mvlm_compile.errors import EXIT_INPUT_ERROR
+from mvlm_compile.engines_record import ENGINES_MANIFEST
+from mvlm_compile.errors import EXIT_ENGINES_DEFERRED, EXIT_INPUT_ERROR
 from mvlm_compile.fileio import LOCK
 from mvlm_compile.manifest import load_manifest
 from mvlm_compile.trt_env import TENSORRT_RTX, import_flavour
@@ -113,6 +115,105 @@ def _graph_hashes(artifacts: Path) -> dict[str, str]:
     return {name: graph["sha256"] for name, graph in load_manifest(artifacts).graphs.items()}
 
 
+# 1. Native code from a bundle ----------------------------------------------------------------------
+
+
+def test_the_planted_library_shows_when_it_is_opened(planted):
+    """The instrument itself: opening the library (as TensorRT's load_library does) writes the marker."""
+    library, marker = planted
+    ctypes.CDLL(str(library))
+    assert marker.read_text() == "the planted library's constructor ran\n"
+
+
+@needs_rtx
+def test_build_never_loads_a_library_found_in_the_bundle(planted, tmp_path, no_plugin_anywhere):
+    library, marker = planted
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    _plant(library, bundle / "plugins" / "peg" / "build")
+    result = _cli("build", bundle, "--target", RTX_TARGET, "--json")
+    assert result.exit_code == 0, result.output
+    assert not marker.exists()
+    record = json.loads((bundle / f"engines-{RTX_TARGET}" / ENGINES_MANIFEST).read_text())
+    assert record["plugin"]["mode"] == "native"  # built without it, and says why
+    assert "not loaded (a library inside a bundle is used only when named with --plugin)" in result.output
+
+
+@needs_rtx
+def test_the_runtime_loads_no_library_it_was_not_given_nor_one_with_another_hash(
+    planted, tmp_path, no_plugin_anywhere, monkeypatch
+):
+    """engines.json claims the projector holds the plugin, with an all-zero SHA-256, and the planted
+    library sits in the engines directory and in the bundle's plugin build directory."""
+    library, marker = planted
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    engines_dir = Path(_build_rtx(bundle)["engines_dir"])
+    record = json.loads((engines_dir / ENGINES_MANIFEST).read_text())
+    record["plugin"] = {"mode": "plugin", "file": peg_op.PLUGIN_LIBRARY, "sha256": "0" * 64}
+    (engines_dir / ENGINES_MANIFEST).write_text(json.dumps(record))
+    _plant(library, engines_dir, bundle / "plugins" / "peg" / "build")
+    run = ("run", bundle, "--backend", "trt", "--image", GOLDEN_TINY / "image.png", "--prompt", "What is it?")
+
+    _assert_input_error(_cli(*run), "the projector engine holds the PEG plugin: pass --plugin PATH")
+    assert not marker.exists()
+    planted_there = engines_dir / peg_op.PLUGIN_LIBRARY
+    _assert_input_error(_cli(*run, "--plugin", planted_there), f"than {planted_there} (SHA-256 differs)")
+    monkeypatch.setenv(peg_op.PLUGIN_ENV, str(library))
+    _assert_input_error(_cli(*run), f"than {library} (SHA-256 differs)")
+    assert not marker.exists()
+
+
+def _engines_record_for(artifacts: Path, plugin: dict, flavour: str = "tensorrt") -> dict:
+    """An engines.json as the engine stage writes it for these artifacts (no engine files)."""
+    engines = {
+        name: {"file": f"{name}.engine", "sha256": "", "graph_sha256": sha256}
+        for name, sha256 in _graph_hashes(artifacts).items()
+    }
+    builder = {"flavour": flavour, "version": "10.3.0", "sm": 87, "compute_capability": "8.7"}
+    return {"builder": builder, "target": ORIN_TARGET, "plugin": plugin, "engines": engines}
+
+
+def test_a_named_plugin_with_another_hash_is_refused_before_tensorrt_or_any_load(planted, tmp_path, monkeypatch):
+    """No TensorRT needed: the plugin's hash is checked before TensorRT is imported, so this holds
+    on every machine, the Jetson included."""
+    library, marker = planted
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    engines_dir = bundle / f"engines-{ORIN_TARGET}"
+    engines_dir.mkdir()
+    plugin = {"mode": "plugin", "file": peg_op.PLUGIN_LIBRARY, "sha256": "0" * 64}
+    (engines_dir / ENGINES_MANIFEST).write_text(json.dumps(_engines_record_for(bundle / "artifacts", plugin)))
+    monkeypatch.setenv(peg_op.PLUGIN_ENV, str(library))
+    run = ("run", bundle, "--backend", "trt", "--image", GOLDEN_TINY / "image.png", "--prompt", "What is it?")
+    _assert_input_error(_cli(*run), f"than {library} (SHA-256 differs), so it was not loaded")
+    assert not marker.exists()
+
+
+def test_a_wrong_explicit_plugin_is_exit_2_even_where_engines_are_deferred(tmp_path, monkeypatch):
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    monkeypatch.setenv(peg_op.PLUGIN_ENV, str(tmp_path / "missing.so"))
+    _assert_input_error(_cli("build", bundle, "--target", ORIN_TARGET), "MVLM_PEG_PLUGIN=", "missing.so is not a file")
+    monkeypatch.delenv(peg_op.PLUGIN_ENV)
+    _assert_input_error(
+        _cli("build", bundle, "--target", ORIN_TARGET, "--plugin", tmp_path / "missing.so"), "--plugin", "missing.so"
+    )
+
+
+@needs_rtx
+def test_a_wrong_explicit_plugin_is_never_a_build_without_the_plugin(tmp_path, monkeypatch):
+    """TensorRT-RTX may build PEG natively when no library is at hand; not when the one named is wrong."""
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    monkeypatch.setenv(peg_op.PLUGIN_ENV, str(tmp_path / "missing.so"))
+    _assert_input_error(_cli("build", bundle, "--target", RTX_TARGET), "MVLM_PEG_PLUGIN=", "missing.so is not a file")
+    assert not (bundle / f"engines-{RTX_TARGET}").exists()
+
+
+def test_plugin_with_the_onnx_runtime_backend_is_a_usage_error(planted, tmp_path):
+    library, marker = planted
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    result = _cli("run", bundle, "--image", GOLDEN_TINY / "image.png", "--prompt", "What?", "--plugin", library)
+    _assert_input_error(result, f"--plugin {library}: applies to --backend trt only")
+    assert not marker.exists()
+
+
 # 2. --report never replaces what is there ------------------------------------------------------------
 
 
@@ -195,6 +296,47 @@ def test_a_report_onto_a_block_device_is_refused(tmp_path):
 
 
 # 5. Smaller: quoted commands, recipes named by the manifest, lock messages, full disks --------------
+
+
+def test_printed_commands_quote_the_bundle_path(tmp_path):
+    """Run as the shell runs them, with mvlm-compile and cmake standing in as functions that print
+    their arguments: each path arrives as one argument, and nothing in the name runs."""
+    name = "my bundle;touch PWNED"
+    bundle = copy_tiny_bundle(tmp_path / name)
+    result = _cli("build", bundle, "--target", ORIN_TARGET, "--json")
+    assert result.exit_code == EXIT_ENGINES_DEFERRED, result.output
+    command = json.loads(result.stdout)["target_command"]
+    note = (bundle / "BUILD_ON_TARGET.txt").read_text()
+    lines = [line.strip() for line in note.splitlines() if line.startswith(("  mvlm-compile ", "  cmake "))]
+    assert command in lines and len(lines) == 3
+    show = (
+        "mvlm-compile() { printf '[%s]' mvlm-compile \"$@\"; echo; }; cmake() { printf '[%s]' cmake \"$@\"; echo; }; "
+    )
+    printed = [
+        subprocess.run(["bash", "-c", show + line], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+        for line in lines
+    ]
+    plugin = f"{name}-peg-plugin"
+    assert printed == [
+        f"[cmake][-S][{name}/plugins/peg][-B][{plugin}]\n[cmake][--build][{plugin}][-j]\n",
+        f"[mvlm-compile][build][{name}][--target][{ORIN_TARGET}][--plugin][{plugin}/libmvlm_peg_plugin.so]\n",
+        f"[mvlm-compile][verify][{name}][--golden][{name}/golden][--backend][trt]"
+        f"[--plugin][{plugin}/libmvlm_peg_plugin.so]\n",
+    ]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative"])
+def test_a_manifest_recipe_that_names_a_file_is_refused(bundle, tmp_path, where):
+    outside = tmp_path / "outside" / "evil.yaml"
+    outside.parent.mkdir()
+    shutil.copy(REPO / "recipes" / "tiny.yaml", outside)
+    manifest_path = bundle / "artifacts" / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["model"]["recipe"] = str(outside) if where == "absolute" else "../../outside/evil.yaml"
+    manifest_path.write_text(json.dumps(data))
+    _assert_input_error(_cli("build", bundle, "--target", ORIN_TARGET), "model.recipe", "is not a recipe name")
+    _assert_input_error(_verify(bundle), "model.recipe", "is not a recipe name")
 
 
 def _hold_lock(directory: Path, mode: str) -> subprocess.Popen:

@@ -309,11 +309,10 @@ def build_engines(
     """Build the three engines and engines.json (what the runtime checks before loading).
     `plugin_path` None builds the projector's PEG natively (flavours that allow it). `gpu` is
     the GPU built on (None for an ahead-of-time build without one). Returns "ran", or
-    "skipped (unchanged)" when engines.json records exactly these inputs."""
+    "skipped (unchanged)" when engines.json records exactly these inputs. The plugin library is
+    hashed, then loaded, and only to build."""
     manifest = load_manifest(artifacts)
-    if plugin_path is not None:
-        load_plugin_library(plugin_path, trt)
-    elif flavour.peg_plugin_required:
+    if plugin_path is None and flavour.peg_plugin_required:
         raise EngineBuildError(f"{flavour.name}: the projector needs the PEG plugin library, and none was given")
     profiles = optimization_profiles(geometry, settings)
     builder_record = {
@@ -336,6 +335,8 @@ def build_engines(
     previous = read_engines_record(engines_dir)
     if not force and previous is not None and previous.get("inputs_sha256") == digest(inputs):
         return "skipped (unchanged)"
+    if plugin_path is not None:
+        load_plugin_library(plugin_path, trt)  # after hashing it: engines.json names what was loaded
     engines_dir.mkdir(parents=True, exist_ok=True)
     timing_cache = engines_dir / TIMING_CACHE if flavour.timing_cache else None
     engines = {}
