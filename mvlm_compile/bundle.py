@@ -45,7 +45,14 @@ from mvlm_compile.fileio import (
     write_json,
     write_marker,
 )
-from mvlm_compile.manifest import MANIFEST_NAME, Manifest, keep_reference, load_manifest
+from mvlm_compile.manifest import (
+    IN_PLACE_STAGES,
+    MANIFEST_NAME,
+    Manifest,
+    keep_reference,
+    load_manifest,
+    restore_export,
+)
 from mvlm_compile.peg_op import PEG_DIR, PLUGIN_LIBRARY, chosen_plugin_library, find_plugin_library
 from mvlm_compile.recipes import Recipe, Target, load_recipe, load_target, manifest_recipe
 from mvlm_compile.trt_env import Flavour, import_flavour, query_gpu
@@ -156,9 +163,6 @@ def _checkpoint_stamp(checkpoint: Path, vision_tower: Path | None) -> list:
     """Cheap identity of the checkpoint files (name, size, mtime): hashing GBs on every build is too slow."""
     files = [p for d in (checkpoint, vision_tower) if d for p in sorted(Path(d).iterdir()) if p.is_file()]
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-
-
-IN_PLACE_STAGES = ("optimize", "quantize")  # rewrite the artifacts' graphs, in this order
 
 
 def _stage_is_current(manifest: Manifest, name: str, params: dict, on_disk: dict[str, str]) -> bool:
@@ -325,12 +329,16 @@ def _build_locked(
     check_fits(plan, target, recipe)
 
     keep_reference(artifacts)
+    redo_graphs = force
+    if force and not restore_export(artifacts):
+        redo_graphs = False  # the rewritten graphs cannot be rewritten again (INT4 twice): kept unless stale
+        progress(f"--force: {artifacts / 'reference'} holds no export to redo optimize and quantize from; kept")
     stages["optimize"] = _graph_stage(
         "optimize",
         artifacts,
         {},
         lambda record: optimize_artifacts(artifacts, progress=progress, stage_record=record),
-        force,
+        redo_graphs,
         progress,
     )
     quantize = QuantizeSettings.resolve(recipe)
@@ -340,7 +348,7 @@ def _build_locked(
         artifacts,
         {**quantize.to_json(), "calibration": calibration.describe()},
         lambda record: quantize_artifacts(artifacts, quantize, calibration, progress=progress, stage_record=record),
-        force,
+        redo_graphs,
         progress,
     )
 

@@ -429,7 +429,12 @@ _plugin_option = click.option(
     "--context", type=click.IntRange(min=2), default=None, help="Context length (default: target, then recipe)."
 )
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Decoder batch (default: target, then recipe).")
-@click.option("--force", is_flag=True, help="Rerun every stage even when its inputs are unchanged.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rerun every stage even when its inputs are unchanged (optimize and quantize from the export "
+    "kept in artifacts/reference/).",
+)
 @_plugin_option
 @_json_option
 def build(

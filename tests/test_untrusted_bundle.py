@@ -21,16 +21,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import GOLDEN_TINY, REPO, TINY_BUNDLE, copy_tiny_bundle
+from conftest import GOLDEN_TINY, REPO, TINY_BUNDLE, copy_tiny_bundle, save_graph_by_hand
 
 from mvlm_compile import peg_op
 from mvlm_compile.cli import cli
 from mvlm_compile.engines_record import ENGINES_MANIFEST
 from mvlm_compile.errors import EXIT_ENGINES_DEFERRED, EXIT_INPUT_ERROR
-from mvlm_compile.fileio import LOCK
+from mvlm_compile.fileio import LOCK, sha256_file
 from mvlm_compile.manifest import load_manifest
 from mvlm_compile.trt_env import TENSORRT_RTX, import_flavour
 
@@ -293,6 +294,84 @@ def test_a_report_onto_a_block_device_is_refused(tmp_path):
     with pytest.raises(MvlmError, match="not a regular file, a character device or a pipe"):
         write_user_file(disk, b"{}", "--report")
     assert stat.S_ISBLK(os.lstat(disk).st_mode)
+
+
+# 3. Stale engines, --force ------------------------------------------------------------------------
+
+
+@needs_rtx
+def test_an_engine_written_after_engines_json_is_rebuilt_not_called_unchanged(tmp_path, no_plugin_anywhere):
+    """A build killed between writing decoder.engine and engines.json: the inputs are unchanged, the
+    engine file is not the recorded one. The next build rebuilds, and the record matches the files."""
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    engines_dir = Path(_build_rtx(bundle)["engines_dir"])
+    shutil.copy(engines_dir / "vision.engine", engines_dir / "decoder.engine")
+    assert _build_rtx(bundle)["stages"]["engines"] == "ran"
+    record = json.loads((engines_dir / ENGINES_MANIFEST).read_text())
+    for engine in record["engines"].values():
+        assert sha256_file(engines_dir / engine["file"]) == engine["sha256"]
+    assert _build_rtx(bundle)["stages"]["engines"] == "skipped (unchanged)"
+
+
+def test_force_redoes_optimize_and_quantize_from_the_export(bundle):
+    """The committed bundle was made from the checkpoint by `make tiny-bundle`; redoing its graph
+    stages from the export it keeps gives the same graphs, byte for byte, every time."""
+    committed = _graph_hashes(TINY_BUNDLE / "artifacts")
+    for _ in range(2):
+        result = _cli("build", bundle, "--target", ORIN_TARGET, "--force", "--json")
+        assert result.exit_code == EXIT_ENGINES_DEFERRED, result.output
+        assert json.loads(result.stdout)["stages"] == {"optimize": "ran", "quantize": "ran"}
+        assert _graph_hashes(bundle / "artifacts") == committed
+    assert load_manifest(bundle / "artifacts" / "reference").graphs["decoder"]["dtype"] == "fp16"  # kept as it was
+    again = _cli("build", bundle, "--target", ORIN_TARGET, "--json")
+    assert json.loads(again.stdout)["stages"] == {"optimize": "skipped (unchanged)", "quantize": "skipped (unchanged)"}
+
+
+def test_force_without_the_export_keeps_the_graphs_and_says_so(bundle):
+    shutil.rmtree(bundle / "artifacts" / "reference")  # left out when the bundle was copied
+    result = _cli("build", bundle, "--target", ORIN_TARGET, "--force", "--json")
+    assert result.exit_code == EXIT_ENGINES_DEFERRED, result.output
+    assert json.loads(result.stdout)["stages"] == {"optimize": "skipped (unchanged)", "quantize": "skipped (unchanged)"}
+    assert "holds no export to redo optimize and quantize from" in result.output
+    assert _graph_hashes(bundle / "artifacts") == _graph_hashes(TINY_BUNDLE / "artifacts")
+
+
+@needs_rtx
+def test_force_rebuilds_the_engines(tmp_path, no_plugin_anywhere):
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    _build_rtx(bundle)
+    stages = _build_rtx(bundle, "--force")["stages"]
+    assert stages == {"optimize": "ran", "quantize": "ran", "engines": "ran"}
+
+
+# 4. Engines of another model ----------------------------------------------------------------------
+
+
+@needs_rtx
+def test_engines_of_another_model_are_refused_naming_the_graph(tmp_path, no_plugin_anywhere):
+    built = copy_tiny_bundle(tmp_path / "built")
+    engines_dir = Path(_build_rtx(built)["engines_dir"])
+    other = copy_tiny_bundle(tmp_path / "other")  # the same model with one decoder weight changed
+    artifacts = other / "artifacts"
+    decoder = onnx.load(str(load_manifest(artifacts).graph_path(artifacts, "decoder")))
+    weight = next(t for t in decoder.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16 and t.dims)
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += np.float16(1)
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    save_graph_by_hand(decoder, artifacts, "decoder")
+    result = _cli(
+        "run",
+        other,
+        "--backend",
+        "trt",
+        "--engines",
+        engines_dir,
+        "--image",
+        GOLDEN_TINY / "image.png",
+        "--prompt",
+        "?",
+    )
+    _assert_input_error(result, "the decoder engine was built from another decoder graph")
 
 
 # 5. Smaller: quoted commands, recipes named by the manifest, lock messages, full disks --------------

@@ -26,6 +26,7 @@ from mvlm_compile.engines_record import (
     TokenLimits,
     check_engines_record,
     check_plugin_library,
+    check_source_graphs,
     decoder_limits,
     engine_path,
     require_engines_record,
@@ -173,6 +174,8 @@ class TrtBackend:
         self._decoder: DecoderLoop | None = None
         self._stream = self._empty = self._runtime = None
         record = require_engines_record(engines_dir)
+        graphs = {name: graph["sha256"] for name, graph in self.manifest.graphs.items()}
+        check_source_graphs(engines_dir, record, graphs)
         plugin = chosen_plugin_library(plugin) if record["plugin"].get("mode") == PEG_PLUGIN else None
         check_plugin_library(engines_dir, record, plugin)  # before TensorRT is even imported
         flavour = FLAVOURS.get(record["builder"]["flavour"])
@@ -183,7 +186,7 @@ class TrtBackend:
             raise MvlmError(f"--backend trt: the engines in {engines_dir} were built with {flavour.name}: {why}")
         gpu = query_gpu()
         self.record = check_engines_record(
-            engines_dir, flavour.name, trt.__version__, gpu and gpu.name, gpu and gpu.sm, plugin
+            engines_dir, flavour.name, trt.__version__, gpu and gpu.name, gpu and gpu.sm, plugin, graphs=graphs
         )
         if not flavour.runs_in_backend:  # reached only on a GPU these engines match
             raise MvlmError(f"--backend trt: running {flavour.name} engines is not supported yet ({engines_dir})")
