@@ -17,6 +17,7 @@ right GPU, the output is a self-contained bundle and the exact command to run on
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,13 +40,21 @@ from mvlm_compile.fileio import (
     digest,
     directory_kind,
     directory_lock,
+    safe_join,
     write_bytes,
     write_json,
     write_marker,
 )
-from mvlm_compile.manifest import MANIFEST_NAME, Manifest, keep_reference, load_manifest
-from mvlm_compile.peg_op import PEG_DIR, PluginLibraryError, find_plugin_library
-from mvlm_compile.recipes import Recipe, Target, load_recipe, load_target
+from mvlm_compile.manifest import (
+    IN_PLACE_STAGES,
+    MANIFEST_NAME,
+    Manifest,
+    keep_reference,
+    load_manifest,
+    restore_export,
+)
+from mvlm_compile.peg_op import PEG_DIR, PLUGIN_LIBRARY, chosen_plugin_library, find_plugin_library
+from mvlm_compile.recipes import Recipe, Target, load_recipe, load_target, manifest_recipe
 from mvlm_compile.trt_env import Flavour, import_flavour, query_gpu
 
 ARTIFACTS_DIR = "artifacts"
@@ -156,9 +165,6 @@ def _checkpoint_stamp(checkpoint: Path, vision_tower: Path | None) -> list:
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-IN_PLACE_STAGES = ("optimize", "quantize")  # rewrite the artifacts' graphs, in this order
-
-
 def _stage_is_current(manifest: Manifest, name: str, params: dict, on_disk: dict[str, str]) -> bool:
     """The stage ran with these params, and every later stage consumed exactly what it
     produced, up to the graphs now on disk (content hashes)."""
@@ -193,15 +199,21 @@ def _graph_stage(
 
 def _target_commands(target: Target, bundle: Path) -> list[str]:
     """What to run on the target (TensorRT-RTX: on any x86-64 Linux host), standing in the
-    directory that holds the copied bundle. The build command is always the second."""
-    name = bundle.name
-    build = f"mvlm-compile build {name} --target {target.name}"
+    directory that holds the copied bundle, paths quoted for the shell. The build command is
+    always the second. The plugin is built from the bundle's sources into a new directory beside
+    the bundle, and named with --plugin: mvlm-compile never loads a library found in a bundle (a
+    build directory copied with it could hold one made elsewhere)."""
+    name = f"./{bundle.name}" if bundle.name.startswith("-") else bundle.name  # never read as an option
+    build = ["mvlm-compile", "build", name, "--target", target.name]
     if target.flavour.ahead_of_time:  # the plugin is optional there, and verifying needs the RTX GPU
-        return ["pip install 'mvlm-compile[rtx]'", build]
+        return ["pip install 'mvlm-compile[rtx]'", shlex.join(build)]
+    plugin_build = f"{name}-peg-plugin"
+    plugin = ["--plugin", f"{plugin_build}/{PLUGIN_LIBRARY}"]
     return [
-        f"cmake -S {name}/plugins/peg -B {name}/plugins/peg/build && cmake --build {name}/plugins/peg/build -j",
-        build,
-        f"mvlm-compile verify {name} --golden {name}/{GOLDEN_DIR} --backend trt",
+        f"{shlex.join(['cmake', '-S', f'{name}/plugins/peg', '-B', plugin_build])} && "
+        f"{shlex.join(['cmake', '--build', plugin_build, '-j'])}",
+        shlex.join([*build, *plugin]),
+        shlex.join(["mvlm-compile", "verify", name, "--golden", f"{name}/{GOLDEN_DIR}", "--backend", "trt", *plugin]),
     ]
 
 
@@ -259,11 +271,13 @@ def build(
     batch: int | None = None,
     force: bool = False,
     progress: Progress = lambda msg: None,
+    plugin: Path | None = None,
 ) -> BuildResult:
     """Run every stage into `bundle` (see the module docstring), its only writer while it runs.
 
     From a checkpoint, `bundle` must be new, empty or a bundle we made, and neither the
-    checkpoint nor one of its parents."""
+    checkpoint nor one of its parents. `plugin`: the PEG plugin library to build the projector
+    with (--plugin; else $MVLM_PEG_PLUGIN or this installation's build, see _check_plugin_choice)."""
     bundle = Path(bundle)
     if checkpoint is not None:
         check_output_dir(bundle, "bundle", inputs=[checkpoint, vision_tower])
@@ -276,7 +290,7 @@ def build(
             if directory_kind(bundle) != "bundle":
                 write_marker(bundle, "bundle")
         return _build_locked(
-            target_name, bundle, checkpoint, vision_tower, recipe_name, context, batch, force, progress
+            target_name, bundle, checkpoint, vision_tower, recipe_name, context, batch, force, progress, plugin
         )
 
 
@@ -290,37 +304,41 @@ def _build_locked(
     batch: int | None = None,
     force: bool = False,
     progress: Progress = lambda msg: None,
+    plugin_option: Path | None = None,
 ) -> BuildResult:
     from mvlm_compile.quantize import QuantizeSettings, quantize_artifacts
     from mvlm_compile.quantize.calibration import spec_for_recipe
     from mvlm_compile.surgery import optimize_artifacts
 
     target = load_target(target_name)
+    plugin = chosen_plugin_library(plugin_option)  # a wrong explicit choice fails before any work
     stages: dict[str, str] = {}
     if checkpoint is not None:
         stages.update(_host_stages(Path(checkpoint), vision_tower, Path(bundle), force, progress))
     bundle, artifacts = resolve_artifacts(Path(bundle))
     manifest = load_manifest(artifacts)
-    recipe_ref = (
-        recipe_name
-        or manifest.model.get("recipe")
-        or (bundle / "recipe.yaml" if (bundle / "recipe.yaml").exists() else None)
-    )
-    if recipe_ref is None:
+    # --recipe, else the recipe name the manifest records, else the bundle's own recipe.yaml.
+    recipe = load_recipe(recipe_name) if recipe_name else manifest_recipe(manifest, artifacts / MANIFEST_NAME)
+    if recipe is None and (bundle / "recipe.yaml").exists():
+        recipe = load_recipe(safe_join(bundle, "recipe.yaml", bundle / BUNDLE_RECORD))
+    if recipe is None:
         raise MvlmError(f"{artifacts / MANIFEST_NAME}: no recipe matches this model; pass --recipe NAME|PATH")
-    recipe = load_recipe(recipe_ref)
     settings = BuildSettings.resolve(recipe, target, int(manifest.model["max_context"]), context, batch)
     geometry = Geometry.from_recipe_and_manifest(recipe, manifest.model)
     plan = plan_memory(geometry, recipe, target, settings)
     check_fits(plan, target, recipe)
 
     keep_reference(artifacts)
+    redo_graphs = force
+    if force and not restore_export(artifacts):
+        redo_graphs = False  # the rewritten graphs cannot be rewritten again (INT4 twice): kept unless stale
+        progress(f"--force: {artifacts / 'reference'} holds no export to redo optimize and quantize from; kept")
     stages["optimize"] = _graph_stage(
         "optimize",
         artifacts,
         {},
         lambda record: optimize_artifacts(artifacts, progress=progress, stage_record=record),
-        force,
+        redo_graphs,
         progress,
     )
     quantize = QuantizeSettings.resolve(recipe)
@@ -330,7 +348,7 @@ def _build_locked(
         artifacts,
         {**quantize.to_json(), "calibration": calibration.describe()},
         lambda record: quantize_artifacts(artifacts, quantize, calibration, progress=progress, stage_record=record),
-        force,
+        redo_graphs,
         progress,
     )
 
@@ -352,19 +370,20 @@ def _build_locked(
     from mvlm_compile.engine.builder import build_engines
 
     engines_dir = engines_dir_for(bundle, target.name)
-    plugin = _plugin_library(flavour, bundle)
+    _check_plugin_choice(flavour, bundle, plugin, progress)
     stages["engines"] = build_engines(
         trt, flavour, gpu, artifacts, engines_dir, plugin, target, geometry, settings, plan, force, progress
     )
     return BuildResult(bundle, plan, settings, engines_dir=engines_dir, stages=stages, traffic=traffic)
 
 
-def _plugin_library(flavour: Flavour, bundle: Path) -> Path | None:
-    """The PEG plugin library; None (the projector's PEG built as a native Conv) where the
-    flavour allows that and no library was built."""
-    try:
-        return find_plugin_library([bundle / "plugins" / "peg" / "build"])
-    except PluginLibraryError:
-        if flavour.peg_plugin_required:
-            raise
-        return None
+def _check_plugin_choice(flavour: Flavour, bundle: Path, plugin: Path | None, progress: Progress) -> None:
+    """`plugin` is the library the user chose (--plugin, $MVLM_PEG_PLUGIN) or this installation
+    built (peg_op.chosen_plugin_library). None builds the projector's PEG as a native Conv, where
+    the flavour allows that. A library inside the bundle (plugins/peg/build/) is never taken by
+    itself: the bundle may come from another machine, and loading a library runs its code."""
+    in_bundle = bundle / "plugins" / "peg" / "build" / PLUGIN_LIBRARY
+    if plugin is None and (in_bundle.is_file() or in_bundle.is_symlink()):
+        progress(f"{in_bundle}: not loaded (a library inside a bundle is used only when named with --plugin)")
+    if plugin is None and flavour.peg_plugin_required:
+        find_plugin_library()  # raises: where it looked, and how to build the library or name one

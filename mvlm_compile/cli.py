@@ -57,7 +57,9 @@ def _os_error_line(e: OSError) -> str:
     what = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system"}.get(
         e.errno, e.strerror or str(e)
     )
-    return f"{e.filename}: {what}" if e.filename else what
+    # A copy that fills the disk names its source first and its destination second: name what did not fit.
+    name = e.filename2 if e.errno == errno.ENOSPC and e.filename2 else e.filename
+    return f"{name}: {what}" if name else what
 
 
 def _quiet_libraries() -> None:
@@ -87,15 +89,40 @@ def _progress(stage: str):
     return lambda message: click.echo(f"[{stage}] {message}", err=True)
 
 
-def _check_report(report: Path | None, *inputs: Path) -> None:
-    """--report must be a file outside the command's inputs: a report never overwrites what it reports on."""
+def _check_report(report: Path | None, *inputs: Path, junit: bool = False) -> None:
+    """--report must be a file outside the command's inputs (a report never overwrites what it
+    reports on) that may be written (fileio.check_user_file: never a symbolic link). With `junit`
+    (verify), the JUnit XML beside it (_junit_path) is held to the same rules."""
     if report is None:
         return
-    if report.is_dir():
-        raise MvlmError(f"--report {report}: is a directory; give a file name")
-    for source in inputs:
-        if report.resolve().is_relative_to(Path(source).resolve()):
-            raise MvlmError(f"--report {report}: is inside the input {source}; write it elsewhere")
+    from mvlm_compile.fileio import check_user_file
+
+    paths = [report]
+    if junit:
+        if report.suffix == ".xml":
+            raise MvlmError(
+                f"--report {report}: the report is JSON, and the JUnit XML goes beside it as .xml: name it .json"
+            )
+        paths += [p for p in [_junit_path(report)] if p is not None]
+    for path in paths:
+        check_user_file(path, "--report")
+        for source in inputs:
+            if path.resolve().is_relative_to(Path(source).resolve()):
+                raise MvlmError(f"--report {report}: {path} is inside the input {source}; write it elsewhere")
+
+
+def _junit_path(report: Path) -> Path | None:
+    """verify's JUnit XML, beside a report that is a regular file (or new); none beside a device or
+    a pipe (`--report /dev/null` writes no /dev/null.xml)."""
+    from mvlm_compile.fileio import is_regular_or_new
+
+    return report.with_suffix(".xml") if is_regular_or_new(report) else None
+
+
+def _write_report(report: Path, data: Any) -> None:
+    from mvlm_compile.fileio import write_user_file
+
+    write_user_file(report, (json.dumps(data, indent=2) + "\n").encode(), "--report")
 
 
 def _artifacts_of(path: Path) -> tuple[Path, Path]:
@@ -374,6 +401,15 @@ def quantize(
         )
 
 
+_plugin_option = click.option(
+    "--plugin",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="The PEG plugin library (libmvlm_peg_plugin.so) for TensorRT. Default: $MVLM_PEG_PLUGIN, else this "
+    "installation's plugins/peg/build (make plugin); a library inside a bundle is loaded only when named here.",
+)
+
+
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
@@ -393,7 +429,13 @@ def quantize(
     "--context", type=click.IntRange(min=2), default=None, help="Context length (default: target, then recipe)."
 )
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Decoder batch (default: target, then recipe).")
-@click.option("--force", is_flag=True, help="Rerun every stage even when its inputs are unchanged.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rerun every stage even when its inputs are unchanged (optimize and quantize from the export "
+    "kept in artifacts/reference/).",
+)
+@_plugin_option
 @_json_option
 def build(
     source: Path,
@@ -404,6 +446,7 @@ def build(
     context: int | None,
     batch: int | None,
     force: bool,
+    plugin: Path | None,
     as_json: bool,
 ) -> None:
     """SOURCE (a checkpoint or a bundle) -> golden, export, optimize, quantize -> TensorRT engines.
@@ -431,6 +474,7 @@ def build(
         batch=batch,
         force=force,
         progress=_progress("build"),
+        plugin=plugin,
     )
     summary = {
         "bundle": str(result.bundle),
@@ -452,13 +496,15 @@ def build(
     if result.engines_dir is None:
         raise EnginesDeferred(
             f"engines not built here: {result.deferred_reason}\n"
-            f"bundle ready: {result.bundle}; copy it to the target and run:\n  {result.target_command}"
+            f"bundle ready: {result.bundle}; copy it to the target and follow its BUILD_ON_TARGET.txt, "
+            f"which builds with:\n  {result.target_command}"
         )
     if not as_json:  # stdout is the JSON document alone
         click.echo(f"engines in {result.engines_dir}")
 
 
 def _backend_options(fn):
+    fn = _plugin_option(fn)
     fn = click.option(
         "--threads",
         type=click.IntRange(min=0),
@@ -492,7 +538,14 @@ def _int4_activations_option(fn):
     )(fn)
 
 
-def _open_backend(backend: str, path: Path, engines: Path | None, threads: int = 0, int4_activations: str = "fp32"):
+def _open_backend(
+    backend: str,
+    path: Path,
+    engines: Path | None,
+    threads: int = 0,
+    int4_activations: str = "fp32",
+    plugin: Path | None = None,
+):
     """The backend over ARTIFACTS (a bundle or an artifacts directory), as a context manager."""
     from mvlm_compile.bundle import default_engines_dir
     from mvlm_compile.runtime.backend import open_backend
@@ -500,7 +553,7 @@ def _open_backend(backend: str, path: Path, engines: Path | None, threads: int =
     bundle, artifacts = _artifacts_of(path)
     if backend == "trt" and engines is None:
         engines = default_engines_dir(bundle)
-    return open_backend(backend, artifacts, engines, threads, int4_activations)
+    return open_backend(backend, artifacts, engines, threads, int4_activations, plugin)
 
 
 @cli.command()
@@ -535,6 +588,7 @@ def verify(
     backend: str,
     engines: Path | None,
     threads: int,
+    plugin: Path | None,
     recipe: str | None,
     reference: Path | None,
     report: Path | None,
@@ -543,22 +597,24 @@ def verify(
 ) -> None:
     """Compare every component and the greedy tokens with the golden tensors (exit 1 beyond tolerance);
     for a task model, also its answers to held-out questions."""
-    from mvlm_compile.fileio import write_json
+    from mvlm_compile.fileio import write_user_file
     from mvlm_compile.manifest import MANIFEST_NAME, REFERENCE_DIR
     from mvlm_compile.verify.verifier import VERIFY_TASK_ITEMS
     from mvlm_compile.verify.verifier import verify as run_verify
 
     _quiet_libraries()
-    _check_report(report, artifacts, golden)
-    with _open_backend(backend, artifacts, engines, threads) as runner:  # INT4 activations stay fp32
-        tolerances = _recipe_tolerances(recipe, runner.manifest)
+    _check_report(report, artifacts, golden, junit=True)
+    with _open_backend(backend, artifacts, engines, threads, plugin=plugin) as runner:  # INT4 activations stay fp32
+        tolerances = _recipe_tolerances(recipe, runner.manifest, runner.artifacts)
         kept = runner.artifacts / REFERENCE_DIR
         reference = reference or (kept if (kept / MANIFEST_NAME).exists() else None)
         items = VERIFY_TASK_ITEMS if task_items is None else task_items
         result = run_verify(runner, golden, tolerances=tolerances, reference=reference, task_items=items)
     if report is not None:
-        write_json(report, result.to_json())
-        result.write_junit(report.with_suffix(".xml"))
+        _write_report(report, result.to_json())
+        junit = _junit_path(report)
+        if junit is not None:
+            write_user_file(junit, result.junit_xml(), "--report")
     if as_json:
         _echo_json(result.to_json())
     else:
@@ -577,12 +633,13 @@ def verify(
         raise NumericalFailure(f"{artifacts}: outputs differ from the golden tensors in {golden} beyond tolerance")
 
 
-def _recipe_tolerances(recipe: str | None, manifest) -> dict | None:
+def _recipe_tolerances(recipe: str | None, manifest, artifacts: Path) -> dict | None:
     """The tolerances of `--recipe`, else of the recipe the artifacts were exported with."""
-    from mvlm_compile.recipes import load_recipe
+    from mvlm_compile.manifest import MANIFEST_NAME
+    from mvlm_compile.recipes import load_recipe, manifest_recipe
 
-    name = recipe or manifest.model.get("recipe")
-    return load_recipe(name).tolerances if name else None
+    chosen = load_recipe(recipe) if recipe else manifest_recipe(manifest, Path(artifacts) / MANIFEST_NAME)
+    return chosen.tolerances if chosen else None
 
 
 @cli.command(name="eval")
@@ -604,6 +661,7 @@ def evaluate(
     backend: str,
     engines: Path | None,
     threads: int,
+    plugin: Path | None,
     items: int | None,
     recipe: str | None,
     report: Path | None,
@@ -611,7 +669,6 @@ def evaluate(
 ) -> None:
     """Answer the held-out task questions with each ARTIFACTS: exact match, agreement with the FP32 reference
     (exit 1 when one fails its precision's task gate)."""
-    from mvlm_compile.fileio import write_json
     from mvlm_compile.verify.task_eval import evaluate_task as run_task
     from mvlm_compile.verify.task_eval import load_task_golden, task_table
 
@@ -621,8 +678,9 @@ def evaluate(
     load_task_golden(golden)  # a missing or damaged task file fails before any graph is loaded
     evals = []
     for path in artifacts:
-        with _open_backend(backend, path, engines, threads) as runner:  # INT4 activations fp32, as verify
-            tolerances = _recipe_tolerances(recipe, runner.manifest)
+        # INT4 activations fp32, as verify
+        with _open_backend(backend, path, engines, threads, plugin=plugin) as runner:
+            tolerances = _recipe_tolerances(recipe, runner.manifest, runner.artifacts)
             evals.append((str(path), run_task(runner, golden, tolerances, items, _progress(f"eval {path}"))))
     record = {
         "golden": str(golden),
@@ -631,7 +689,7 @@ def evaluate(
         "passed": all(e.passed for _, e in evals),
     }
     if report is not None:
-        write_json(report, record)
+        _write_report(report, record)
     if as_json:
         _echo_json(record)
     else:
@@ -661,6 +719,7 @@ def run(
     backend: str,
     engines: Path | None,
     threads: int,
+    plugin: Path | None,
     int4_activations: str,
     temperature: float,
     top_p: float,
@@ -673,7 +732,7 @@ def run(
     from mvlm_compile.session import Session
 
     picture = load_image(image)  # before the model loads: a bad file fails fast
-    with Session(artifacts, backend, engines, threads, int4_activations) as session:
+    with Session(artifacts, backend, engines, threads, int4_activations, plugin=plugin) as session:
         options = dict(
             max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ("</s>",)
         )
@@ -713,6 +772,7 @@ def bench(
     backend: str,
     engines: Path | None,
     threads: int,
+    plugin: Path | None,
     int4_activations: str,
     checkpoint: Path | None,
     vision_tower: Path | None,
@@ -724,7 +784,6 @@ def bench(
     as_json: bool,
 ) -> None:
     """Latency of vision, projector, prefill and decode tokens/s (median, p90), with PyTorch eager ratios."""
-    from mvlm_compile.fileio import write_json
     from mvlm_compile.runtime.bench import bench_backend, bench_torch_eager, ratios
     from mvlm_compile.runtime.pipeline import Pipeline
 
@@ -739,7 +798,7 @@ def bench(
     results: dict[str, Any] = {"backend": backend, "prompt_tokens": prompt_tokens, "threads": threads}
     if backend == "ort":
         results["int4_activations"] = int4_activations  # the precision the figures were measured at
-    with _open_backend(backend, artifacts, engines, threads, int4_activations) as runner:
+    with _open_backend(backend, artifacts, engines, threads, int4_activations, plugin) as runner:
         results[backend] = bench_backend(Pipeline(runner), prompt_tokens, decode_steps, warmup, repeats, progress)
     if checkpoint is not None:
         results["torch_eager_fp32"] = bench_torch_eager(
@@ -749,7 +808,7 @@ def bench(
     if interactive:
         click.echo("", err=True)
     if report is not None:
-        write_json(report, results)
+        _write_report(report, results)
     if as_json:
         _echo_json(results)
         return

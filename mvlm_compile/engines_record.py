@@ -3,7 +3,9 @@
 Written by the engine stage (mvlm_compile.engine), read by the TensorRT backend before it loads
 an engine: engines are not portable between builder flavours (TensorRT, TensorRT-RTX), their
 versions, compute capabilities or plugin builds, so a mismatch is refused with the reason rather
-than failing inside TensorRT. The decoder's optimisation profiles recorded here are also the
+than failing inside TensorRT. Engines built from other graphs than the artifacts' manifest
+describes (another model) are refused too, and the plugin library's hash is checked before the
+library is loaded (loading runs its code). The decoder's optimisation profiles recorded here are also the
 prompt and context limits the runtime enforces (`decoder_limits`).
 """
 
@@ -77,11 +79,16 @@ def check_engines_record(
     gpu_name: str | None,
     gpu_sm: int | None,
     plugin_path: Path | None,
+    *,
+    graphs: dict[str, str],
 ) -> dict:
-    """engines.json must match this builder flavour and version, this GPU's compute capability,
-    the plugin library (when the projector holds the plugin), and every engine its recorded hash."""
+    """engines.json must describe engines built from `graphs` (name -> SHA-256 in the artifacts'
+    manifest), by this builder flavour and version, for this GPU's compute capability, with the
+    plugin library at `plugin_path` (when the projector holds the plugin; checked before anything
+    loads it), and every engine file must have its recorded hash."""
     path = Path(engines_dir) / ENGINES_MANIFEST
     record = require_engines_record(engines_dir)
+    check_source_graphs(engines_dir, record, graphs)
     builder = record["builder"]
     if builder["flavour"] != flavour:
         raise ArtifactError(f"{path}: engines built with {builder['flavour']}, this runtime is {flavour}: rebuild")
@@ -93,18 +100,62 @@ def check_engines_record(
             f"{path}: engines built for compute capability {builder['compute_capability']} "
             f"({record['target']}), this is {here}: rebuild"
         )
-    if record["plugin"].get("mode") == PEG_PLUGIN:
-        if plugin_path is None:
-            raise ArtifactError(f"{path}: the projector engine holds the PEG plugin, but no plugin library was given")
-        if record["plugin"].get("sha256") != sha256_file(plugin_path):
-            raise ArtifactError(
-                f"{path}: built with another PEG plugin library than {plugin_path} (hash differs): rebuild"
-            )
-    for name in record["engines"]:
-        file = engine_path(engines_dir, record, name)
-        if not file.is_file() or sha256_file(file) != record["engines"][name]["sha256"]:
-            raise ArtifactError(f"{file}: missing or its content differs from {ENGINES_MANIFEST} (corrupt or replaced)")
+    check_plugin_library(engines_dir, record, plugin_path)
+    stale = stale_engines(engines_dir, record)
+    if stale:
+        raise ArtifactError(f"{stale[0]}: missing or its content differs from {ENGINES_MANIFEST} (corrupt or replaced)")
     return record
+
+
+def check_source_graphs(engines_dir: Path, record: dict[str, Any], graphs: dict[str, str]) -> None:
+    """Every graph of the artifacts (name -> SHA-256 in their manifest) has an engine built from
+    exactly that graph: engines of another model, or of graphs rewritten since, are refused."""
+    path = Path(engines_dir) / ENGINES_MANIFEST
+    for name, sha256 in graphs.items():
+        engine = record["engines"].get(name)
+        if engine is None:
+            raise ArtifactError(f"{path}: no {name} engine (has {sorted(record['engines'])}): rebuild")
+        if "graph_sha256" not in engine:
+            raise ArtifactError(
+                f"{path}: written by mvlm-compile {record.get('mvlm_compile_version')}, which did not record the "
+                f"graph each engine was built from: rebuild the engines"
+            )
+        if engine["graph_sha256"] != sha256:
+            raise ArtifactError(
+                f"{path}: the {name} engine was built from another {name} graph than the artifacts' manifest "
+                "describes (engines of another model, or graphs rebuilt since): rebuild the engines"
+            )
+
+
+def check_plugin_library(engines_dir: Path, record: dict[str, Any], plugin_path: Path | None) -> None:
+    """When the projector engine holds the PEG plugin: `plugin_path` (the library the user chose)
+    has the SHA-256 the engines were built with. Called before the library is loaded, since
+    loading runs its code: a library that is not the recorded one never is."""
+    path = Path(engines_dir) / ENGINES_MANIFEST
+    if record["plugin"].get("mode") != PEG_PLUGIN:
+        return
+    if plugin_path is None:
+        raise ArtifactError(
+            f"{path}: the projector engine holds the PEG plugin: pass --plugin PATH (or set $MVLM_PEG_PLUGIN) "
+            "to the library it was built with; a library in a bundle or an engines directory is never loaded "
+            "unless named"
+        )
+    if record["plugin"].get("sha256") != sha256_file(plugin_path):
+        raise ArtifactError(
+            f"{path}: built with another PEG plugin library than {plugin_path} (SHA-256 differs), so it was not "
+            "loaded: give the library the engines were built with, or rebuild"
+        )
+
+
+def stale_engines(engines_dir: Path, record: dict[str, Any]) -> list[Path]:
+    """Engine files missing or whose content is not what engines.json records (replaced, corrupt,
+    or written by a build killed before it wrote engines.json)."""
+    stale = []
+    for name, engine in record["engines"].items():
+        file = engine_path(engines_dir, record, name)
+        if not file.is_file() or sha256_file(file) != engine["sha256"]:
+            stale.append(file)
+    return stale
 
 
 @dataclass(frozen=True)

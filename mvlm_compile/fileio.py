@@ -9,6 +9,9 @@ The rules they enforce:
   when held elsewhere. Holding the exclusive lock, the staging leftovers of a killed run are
   removed.
 - Names read from a manifest resolve inside their directory.
+- A file the user names (`--report`) is never replaced unless it is a regular file: devices and
+  pipes are written through, symbolic links refused.
+- A write that fails names its file, a full disk's ENOSPC (which write() raises nameless) too.
 - Files and directories honour the umask, like any other tool's.
 """
 
@@ -22,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -71,19 +75,83 @@ def make_temp_dir(parent: Path, prefix: str, suffix: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def naming_errors(path: Path) -> Iterator[None]:
+    """An OSError raised while writing `path` names it: write() on a full disk raises ENOSPC with
+    no file name, and the one-line error must still say which output did not fit."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a file atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with naming_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def check_user_file(path: Path, option: str) -> None:
+    """A file the user named for us to write (`--report`): new, a regular file (replaced
+    atomically), a character device or a pipe (written through, never replaced: /dev/null stays
+    a device). A symbolic link is refused, neither followed nor replaced (a link planted in a
+    shared directory must not redirect a root's write); so are directories and block devices."""
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise MvlmError(f"{option} {path}: is a symbolic link; give the file it points to")
+    if stat.S_ISDIR(mode):
+        raise MvlmError(f"{option} {path}: is a directory; give a file name")
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        raise MvlmError(f"{option} {path}: is not a regular file, a character device or a pipe")
+
+
+def is_regular_or_new(path: Path) -> bool:
+    """`path` does not exist, or is a regular file (not a link, device or pipe)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def write_user_file(path: Path, data: bytes, option: str) -> None:
+    """Write a file the user named (check_user_file says which): atomically when it is new or
+    regular, else written through (a device or a pipe, which a rename would replace)."""
+    path = Path(path)
+    check_user_file(path, option)
+    if is_regular_or_new(path):
+        write_bytes(path, data)
+        return
+    with naming_errors(path):
+        try:
+            # No O_CREAT: it exists. O_NOFOLLOW: a link swapped in since is not followed.
+            # O_NONBLOCK: a pipe nobody reads is an error, not a hang.
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                raise MvlmError(f"{option} {path}: a pipe that no process reads") from None
+            if e.errno == errno.ELOOP:
+                raise MvlmError(f"{option} {path}: is a symbolic link; give the file it points to") from None
+            raise
         with os.fdopen(fd, "wb") as f:
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # replaced by a regular file since: no partial write there
+                raise MvlmError(f"{option} {path}: changed while being written; try again")
+            os.set_blocking(fd, True)
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -177,9 +245,10 @@ def directory_lock(directory: Path, exclusive: bool = True) -> Iterator[None]:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _lock_holder(fd) if exclusive else "writing"  # a shared lock waits only on a writer
             os.close(fd)
             raise MvlmError(
-                f"{directory}: in use by another mvlm-compile ({'writing' if exclusive else 'reading or writing'}); "
+                f"{directory}: in use by another mvlm-compile ({holder}); "
                 "wait for it to finish (the lock is released when that process ends)"
             ) from None
         _held[key] = [fd, 1]
@@ -191,6 +260,17 @@ def directory_lock(directory: Path, exclusive: bool = True) -> Iterator[None]:
         if fd is not None:
             del _held[key]
             os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """What the process holding the lock file `fd` does: "reading" when a shared lock can be had
+    (readers hold shared locks: verify, run, eval, bench), else "writing"."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "writing"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return "reading"
 
 
 def remove_staging_leftovers(directory: Path, name: str | None = None) -> list[Path]:

@@ -17,7 +17,15 @@ import numpy as np
 
 from mvlm_compile import __version__
 from mvlm_compile.errors import ArtifactError
-from mvlm_compile.fileio import directory_lock, read_json_object, safe_join, sha256_graph, write_json
+from mvlm_compile.fileio import (
+    deferred_signals,
+    directory_lock,
+    make_temp_dir,
+    read_json_object,
+    safe_join,
+    sha256_graph,
+    write_json,
+)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "mvlm-compile-artifacts"
@@ -199,3 +207,45 @@ def reference_graph_path(reference: Path, name: str) -> Path:
         if (artifacts / f"{path.name}.data").exists():
             return load_manifest(artifacts).graph_path(artifacts, name)
     return path
+
+
+IN_PLACE_STAGES = ("optimize", "quantize")  # the stages that rewrite the graphs in place, in this order
+
+
+def restore_export(directory: Path) -> bool:
+    """Put the exported graphs kept in `reference/` back in place of the rewritten ones and forget
+    the in-place stages, so that they run again from the export (`build --force`: quantizing the
+    INT4 graphs again would be refused). Returns False, changing nothing, when reference/ holds no
+    export (it may be left out when a bundle is copied). The graphs are copied (external data
+    included), so the reference stays as it was."""
+    directory = Path(directory)
+    reference = directory / REFERENCE_DIR
+    with directory_lock(directory):
+        if not (reference / MANIFEST_NAME).exists():
+            return False
+        kept = load_manifest(reference)
+        if any(stage in kept.stages for stage in IN_PLACE_STAGES):
+            return False  # kept after a rewrite: not the export
+        manifest = load_manifest(directory)
+        staging = make_temp_dir(directory, prefix=".restore.", suffix=".tmp")
+        try:
+            restored = []
+            for name, graph in kept.graphs.items():
+                source = reference_graph_path(reference, name)
+                if sha256_graph(source) != graph["sha256"]:
+                    raise ArtifactError(f"{source}: content differs from {reference / MANIFEST_NAME}")
+                if source.parent.resolve() == directory.resolve():
+                    continue  # never rewritten: the artifacts' graph is the export
+                for suffix in ("", ".data"):
+                    if Path(f"{source}{suffix}").exists():
+                        shutil.copyfile(f"{source}{suffix}", staging / f"{graph['file']}{suffix}")
+                restored.append(name)
+            with deferred_signals():
+                for name in restored:
+                    replace_graph(directory, kept.graphs[name]["file"], staging)
+                manifest.graphs = kept.graphs
+                manifest.stages = {k: v for k, v in manifest.stages.items() if k not in IN_PLACE_STAGES}
+                manifest.save(directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return True

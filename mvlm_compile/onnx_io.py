@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from mvlm_compile.errors import ArtifactError
+from mvlm_compile.fileio import naming_errors
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Protobuf cannot serialise (or even size) a message over 2 GB; keep inline weights well under it.
@@ -79,25 +80,26 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     so a crash never leaves a truncated graph under the final name.
     """
     path = Path(path)
-    large = weight_bytes(model) > inline_weights_limit()
-    data_name = f"{path.name}.data"
-    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        onnx.save_model(
-            model,
-            str(scratch / path.name),
-            save_as_external_data=large,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
-        if large:
-            os.replace(scratch / data_name, path.parent / data_name)
-        else:
-            (path.parent / data_name).unlink(missing_ok=True)
-        os.replace(scratch / path.name, path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with naming_errors(path):  # a full disk's ENOSPC names the graph
+        large = weight_bytes(model) > inline_weights_limit()
+        data_name = f"{path.name}.data"
+        scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            onnx.save_model(
+                model,
+                str(scratch / path.name),
+                save_as_external_data=large,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            if large:
+                os.replace(scratch / data_name, path.parent / data_name)
+            else:
+                (path.parent / data_name).unlink(missing_ok=True)
+            os.replace(scratch / path.name, path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_with_streamed_weights(model: onnx.ModelProto, source_dir: Path, path: Path, chunk: int = 64 << 20) -> None:
@@ -106,31 +108,32 @@ def save_with_streamed_weights(model: onnx.ModelProto, source_dir: Path, path: P
     `<name>.onnx.data`, copying the bytes file to file: the weights never sit in memory, which
     is what keeps a 7B export within a 24 GB machine."""
     path = Path(path)
-    data_name = f"{path.name}.data"
-    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        with open(scratch / data_name, "wb") as out:
-            for tensor in model.graph.initializer:
-                if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                    continue
-                info = {e.key: e.value for e in tensor.external_data}
-                offset = out.tell()
-                with open(Path(source_dir) / info["location"], "rb") as src:
-                    src.seek(int(info.get("offset", 0)))
-                    remaining = int(info["length"]) if "length" in info else None
-                    while remaining is None or remaining > 0:
-                        block = src.read(chunk if remaining is None else min(chunk, remaining))
-                        if not block:
-                            break
-                        out.write(block)
-                        if remaining is not None:
-                            remaining -= len(block)
-                length = out.tell() - offset
-                del tensor.external_data[:]
-                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                    tensor.external_data.add(key=key, value=value)
-        onnx.save_model(model, str(scratch / path.name))
-        os.replace(scratch / data_name, path.parent / data_name)
-        os.replace(scratch / path.name, path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with naming_errors(path):  # a full disk's ENOSPC names the graph
+        data_name = f"{path.name}.data"
+        scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            with open(scratch / data_name, "wb") as out:
+                for tensor in model.graph.initializer:
+                    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                        continue
+                    info = {e.key: e.value for e in tensor.external_data}
+                    offset = out.tell()
+                    with open(Path(source_dir) / info["location"], "rb") as src:
+                        src.seek(int(info.get("offset", 0)))
+                        remaining = int(info["length"]) if "length" in info else None
+                        while remaining is None or remaining > 0:
+                            block = src.read(chunk if remaining is None else min(chunk, remaining))
+                            if not block:
+                                break
+                            out.write(block)
+                            if remaining is not None:
+                                remaining -= len(block)
+                    length = out.tell() - offset
+                    del tensor.external_data[:]
+                    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                        tensor.external_data.add(key=key, value=value)
+            onnx.save_model(model, str(scratch / path.name))
+            os.replace(scratch / data_name, path.parent / data_name)
+            os.replace(scratch / path.name, path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -19,7 +19,8 @@ for, for builders without the plugin library (TensorRT-RTX in CI, where no Tenso
 to build it).
 
 Native libraries (built by `cmake -S plugins/peg -B plugins/peg/build && cmake --build plugins/peg/build`):
-  libmvlm_peg_plugin.so  TensorRT plugin, registered by mvlm_compile.trt_env.load_plugin_library
+  libmvlm_peg_plugin.so  TensorRT plugin, registered by mvlm_compile.trt_env.load_plugin_library; taken
+                         only from where the user chose (chosen_plugin_library), never from a bundle
   libmvlm_peg_kernel.so  the kernel alone behind a C function, for tests and benchmarks (no TensorRT)
 """
 
@@ -76,34 +77,61 @@ def load_contract(path: Path = CONTRACT_PATH) -> dict[str, Any]:
 PEG_CONTRACT: dict[str, Any] = load_contract()
 
 
-def _find_library(name: str, env_var: str, search_dirs: Iterable[Path | str] | None, needs: str) -> Path:
+def _not_found(
+    name: str, env_var: str, search_dirs: Iterable[Path | str] | None, needs: str, option: str = ""
+) -> PluginLibraryError:
+    looked = ", ".join(str(Path(d) / name) for d in (*BUILD_DIRS, *(search_dirs or ())))
+    return PluginLibraryError(
+        f"{name} not found: {env_var} is unset and it is not in {looked}. Build it with "
+        "`cmake -S plugins/peg -B plugins/peg/build && cmake --build plugins/peg/build -j` "
+        f"(make plugin; {needs}), or set {env_var} to its path" + (f" or pass {option} PATH." if option else ".")
+    )
+
+
+def _chosen_library(name: str, env_var: str, search_dirs: Iterable[Path | str] | None) -> Path | None:
     explicit = os.environ.get(env_var)
     if explicit:
         # An explicit choice that is wrong is an error, not a reason to pick some other build.
         if Path(explicit).is_file():
             return Path(explicit)
         raise PluginLibraryError(f"{env_var}={explicit} is not a file")
-    candidates = [Path(d) / name for d in (*BUILD_DIRS, *(search_dirs or ()))]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(c) for c in candidates)
-    raise PluginLibraryError(
-        f"{name} not found: {env_var} is unset and it is not in {looked}. Build it with "
-        "`cmake -S plugins/peg -B plugins/peg/build && cmake --build plugins/peg/build -j` "
-        f"(make plugin; {needs}), or set {env_var} to its path."
-    )
+    for directory in (*BUILD_DIRS, *(search_dirs or ())):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
 
 
-def find_plugin_library(search_dirs: Iterable[Path | str] | None = None) -> Path:
-    """libmvlm_peg_plugin.so: $MVLM_PEG_PLUGIN, else plugins/peg/build, else each of `search_dirs`
-    (e.g. an artifacts directory). Raises PluginLibraryError naming every place it looked."""
-    return _find_library(PLUGIN_LIBRARY, PLUGIN_ENV, search_dirs, "needs TensorRT 10+ headers, see TENSORRT_ROOT")
+def chosen_plugin_library(option: Path | str | None = None) -> Path | None:
+    """The libmvlm_peg_plugin.so the user chose or this installation built: `option` (--plugin),
+    else $MVLM_PEG_PLUGIN, else this installation's plugins/peg/build (`make plugin`, from
+    mvlm-compile's own sources); None when there is none. An explicit choice that is not a file is
+    an error (exit 2), never a reason to go without the plugin.
+
+    Never a library found in a bundle or an engines directory: a bundle may come from another
+    machine, and loading a library runs its code (its constructors run when it is opened). Such a
+    library is loaded only when the user names it, and by the runtime only once its SHA-256 is
+    the one engines.json records (mvlm_compile.engines_record.check_plugin_library)."""
+    if option is not None:
+        if Path(option).is_file():
+            return Path(option)
+        raise PluginLibraryError(f"--plugin {option}: not a file")
+    return _chosen_library(PLUGIN_LIBRARY, PLUGIN_ENV, None)
+
+
+def find_plugin_library(option: Path | str | None = None) -> Path:
+    """chosen_plugin_library, or a PluginLibraryError naming where it looked and how to build one."""
+    found = chosen_plugin_library(option)
+    if found is None:
+        raise _not_found(PLUGIN_LIBRARY, PLUGIN_ENV, None, "needs TensorRT 10+ headers, see TENSORRT_ROOT", "--plugin")
+    return found
 
 
 def find_kernel_library(search_dirs: Iterable[Path | str] | None = None) -> Path:
     """libmvlm_peg_kernel.so: $MVLM_PEG_KERNEL, else plugins/peg/build, else each of `search_dirs`."""
-    return _find_library(KERNEL_LIBRARY, KERNEL_ENV, search_dirs, "needs only nvcc")
+    found = _chosen_library(KERNEL_LIBRARY, KERNEL_ENV, search_dirs)
+    if found is None:
+        raise _not_found(KERNEL_LIBRARY, KERNEL_ENV, search_dirs, "needs only nvcc")
+    return found
 
 
 def load_kernel_library(path: Path | str | None = None) -> ctypes.CDLL:

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from mvlm_compile.errors import MvlmError
+from mvlm_compile.errors import ArtifactError, MvlmError
+from mvlm_compile.manifest import MANIFEST_NAME, Manifest
 from mvlm_compile.model.config import MobileVLMConfig
 from mvlm_compile.resources import RECIPES_DIR
 from mvlm_compile.trt_env import FLAVOURS, Flavour, sm_text
@@ -84,6 +85,23 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data.get("tolerances", {}),
         calibration,
     )
+
+
+def manifest_recipe(manifest: Manifest, where: Path | str = MANIFEST_NAME) -> Recipe | None:
+    """The recipe an artifacts manifest names (`model.recipe`, written by export), or None.
+
+    Only a recipe name of this installation (recipes/<name>.yaml) is taken: the manifest may come
+    from another machine, and a path there would make us read a file outside the bundle. `where`
+    (the manifest's path) goes into the message."""
+    name = manifest.model.get("recipe")
+    if not name:
+        return None
+    if not isinstance(name, str) or name not in recipe_names():
+        raise ArtifactError(
+            f"{where}: model.recipe {name!r} is not a recipe name (one of {recipe_names()}); "
+            "a manifest never names a recipe file: pass --recipe NAME|PATH"
+        )
+    return load_recipe(name)
 
 
 def load_targets(path: Path = TARGETS_FILE) -> dict[str, Target]:

@@ -80,10 +80,13 @@ class Session:
         int4_activations: str = "int8",
         image_cache_size: int = 32,
         model_id: str | None = None,
+        plugin: str | Path | None = None,
     ) -> None:
         """`bundle`: a bundle or an artifacts directory. `engines`: the TensorRT engines directory
         (default: the bundle's engines-<target>/). `threads`, `int4_activations`: ONNX Runtime's
-        (see `mvlm-compile run --help`). `model_id`: the name clients use (default: the recipe's)."""
+        (see `mvlm-compile run --help`). `model_id`: the name clients use (default: the recipe's).
+        `plugin`: the PEG plugin library for TensorRT (default: $MVLM_PEG_PLUGIN or this
+        installation's build; never one found in the bundle)."""
         from mvlm_compile.bundle import default_engines_dir, resolve_artifacts
         from mvlm_compile.runtime.backend import open_backend
 
@@ -94,7 +97,14 @@ class Session:
             engines = default_engines_dir(bundle_dir)
         self._resources = contextlib.ExitStack()
         self.backend = self._resources.enter_context(
-            open_backend(backend, artifacts, None if engines is None else Path(engines), threads, int4_activations)
+            open_backend(
+                backend,
+                artifacts,
+                None if engines is None else Path(engines),
+                threads,
+                int4_activations,
+                None if plugin is None else Path(plugin),
+            )
         )
         try:
             self._chat = Chat(Pipeline(self.backend))

@@ -38,11 +38,12 @@ def test_engines_are_deferred_with_status_3_and_the_target_command(bundle):
     summary = json.loads(result.stdout)
     assert summary["stages"] == {"golden": "ran", "export": "ran", "optimize": "ran", "quantize": "ran"}
     assert "TensorRT" in summary["deferred_reason"]
-    assert summary["target_command"] == "mvlm-compile build bundle --target orin-nx-16gb"
+    plugin = "bundle-peg-plugin/libmvlm_peg_plugin.so"  # built beside the bundle, named explicitly
+    assert summary["target_command"] == f"mvlm-compile build bundle --target orin-nx-16gb --plugin {plugin}"
     assert summary["settings"]["context"] == 512  # the tiny model's context caps the target's 2048
     note = (out / "BUILD_ON_TARGET.txt").read_text()
     assert summary["target_command"] in note
-    assert "cmake -S bundle/plugins/peg -B bundle/plugins/peg/build" in note  # from the bundle's parent
+    assert "cmake -S bundle/plugins/peg -B bundle-peg-plugin" in note  # from the bundle's parent
 
 
 def test_the_bundle_is_self_contained(bundle):

@@ -168,11 +168,14 @@ def test_the_runtime_refuses_engines_for_another_builder_or_gpu(built):
     with pytest.raises(ArtifactError, match=r"built for compute capability 8\.6 \(rtx-sm86\), this is"):
         TrtBackend(bundle / "artifacts", engines_dir)
     version = record["builder"]["version"]
+    manifest = load_manifest(bundle / "artifacts")
+    graphs = {name: graph["sha256"] for name, graph in manifest.graphs.items()}
     with pytest.raises(ArtifactError, match="engines built with tensorrt-rtx, this runtime is tensorrt"):
-        check_engines_record(engines_dir, "tensorrt", "10.3.0", "Orin", 87, None)
+        check_engines_record(engines_dir, "tensorrt", "10.3.0", "Orin", 87, None, graphs=graphs)
     with pytest.raises(ArtifactError, match=f"engines built with tensorrt-rtx {version}, this is 1.8.0"):
-        check_engines_record(engines_dir, "tensorrt-rtx", "1.8.0", "RTX 3090", 86, None)
-    assert check_engines_record(engines_dir, "tensorrt-rtx", version, "RTX 3090", 86, None)["target"] == TARGET
+        check_engines_record(engines_dir, "tensorrt-rtx", "1.8.0", "RTX 3090", 86, None, graphs=graphs)
+    checked = check_engines_record(engines_dir, "tensorrt-rtx", version, "RTX 3090", 86, None, graphs=graphs)
+    assert checked["target"] == TARGET
 
 
 def test_the_recorded_polygraphy_command_builds_the_same_engine(built):

@@ -133,37 +133,41 @@ def test_load_contract_names_a_missing_field(tmp_path):
         plugin.load_contract(broken)
 
 
-def test_find_plugin_library_names_every_place_it_looked(tmp_path, monkeypatch):
+def test_find_plugin_library_names_where_it_looked_and_how_to_name_one(tmp_path, monkeypatch):
     monkeypatch.delenv(plugin.PLUGIN_ENV, raising=False)
     monkeypatch.setattr(plugin, "BUILD_DIRS", (tmp_path / "build",))
     with pytest.raises(PluginLibraryError) as err:
-        plugin.find_plugin_library([tmp_path / "artifacts"])
+        plugin.find_plugin_library()
     message = str(err.value)
     assert "MVLM_PEG_PLUGIN is unset" in message
     assert str(tmp_path / "build" / "libmvlm_peg_plugin.so") in message
-    assert str(tmp_path / "artifacts" / "libmvlm_peg_plugin.so") in message
-    assert "cmake -S plugins/peg -B plugins/peg/build" in message
+    assert "cmake -S plugins/peg -B plugins/peg/build" in message and "--plugin PATH" in message
 
 
-def test_find_plugin_library_order(tmp_path, monkeypatch):
-    build, artifacts, explicit = tmp_path / "build", tmp_path / "artifacts", tmp_path / "explicit.so"
+def test_the_plugin_library_is_only_one_the_user_chose_or_this_installation_built(tmp_path, monkeypatch):
+    """--plugin, else $MVLM_PEG_PLUGIN, else this installation's plugins/peg/build; a wrong explicit
+    choice is an error, never a fall back to another library or to none."""
+    build, option, env = tmp_path / "build", tmp_path / "option.so", tmp_path / "env.so"
     monkeypatch.setattr(plugin, "BUILD_DIRS", (build,))
     monkeypatch.delenv(plugin.PLUGIN_ENV, raising=False)
-    artifacts.mkdir()
-    (artifacts / plugin.PLUGIN_LIBRARY).write_bytes(b"")
-    assert plugin.find_plugin_library([artifacts]) == artifacts / plugin.PLUGIN_LIBRARY
+    assert plugin.chosen_plugin_library() is None
 
     build.mkdir()
     (build / plugin.PLUGIN_LIBRARY).write_bytes(b"")
-    assert plugin.find_plugin_library([artifacts]) == build / plugin.PLUGIN_LIBRARY
+    assert plugin.find_plugin_library() == build / plugin.PLUGIN_LIBRARY
 
-    explicit.write_bytes(b"")
-    monkeypatch.setenv(plugin.PLUGIN_ENV, str(explicit))
-    assert plugin.find_plugin_library([artifacts]) == explicit
+    env.write_bytes(b"")
+    monkeypatch.setenv(plugin.PLUGIN_ENV, str(env))
+    assert plugin.find_plugin_library() == env
 
+    option.write_bytes(b"")
+    assert plugin.find_plugin_library(option) == option == plugin.chosen_plugin_library(option)
+
+    with pytest.raises(PluginLibraryError, match="--plugin .*missing.so: not a file"):
+        plugin.chosen_plugin_library(tmp_path / "missing.so")
     monkeypatch.setenv(plugin.PLUGIN_ENV, str(tmp_path / "missing.so"))
     with pytest.raises(PluginLibraryError, match="MVLM_PEG_PLUGIN=.*missing.so is not a file"):
-        plugin.find_plugin_library([artifacts])
+        plugin.chosen_plugin_library()
 
 
 def test_cmake_takes_nvcc_from_usr_local_cuda_when_it_is_not_on_path(tmp_path):

@@ -153,14 +153,14 @@ def test_a_prompt_that_fits_the_model_but_not_the_engine_is_a_usage_error(tmp_pa
 def test_records_of_another_builder_gpu_or_format_are_refused(tmp_path):
     engines_dir = _fake_engines_dir(tmp_path)
     with pytest.raises(ArtifactError, match="engines built with tensorrt, this runtime is tensorrt-rtx"):
-        check_engines_record(engines_dir, "tensorrt-rtx", "1.7.1.116", None, 86, None)
+        check_engines_record(engines_dir, "tensorrt-rtx", "1.7.1.116", None, 86, None, graphs={})
     with pytest.raises(ArtifactError, match=r"built for compute capability 8\.7 \(orin-nx-16gb\), this is no GPU"):
-        check_engines_record(engines_dir, "tensorrt", "10.3.0", None, None, None)
+        check_engines_record(engines_dir, "tensorrt", "10.3.0", None, None, None, graphs={})
     old = tmp_path / "old"
     old.mkdir()
     (old / ENGINES_MANIFEST).write_text(json.dumps({"tensorrt_version": "10.3.0", "mvlm_compile_version": "0.1.0"}))
     with pytest.raises(ArtifactError, match="did not record the builder: rebuild the engines"):
-        check_engines_record(old, "tensorrt", "10.3.0", "Orin", 87, None)
+        check_engines_record(old, "tensorrt", "10.3.0", "Orin", 87, None, graphs={})
 
 
 # --- The TensorRT backend's buffers (the parts that need no GPU).

@@ -28,7 +28,13 @@ from types import ModuleType
 from typing import Any
 
 from mvlm_compile.engine.plan import BuildSettings, Geometry, MemoryPlan, optimization_profiles
-from mvlm_compile.engines_record import PEG_NATIVE, PEG_PLUGIN, read_engines_record, write_engines_record
+from mvlm_compile.engines_record import (
+    PEG_NATIVE,
+    PEG_PLUGIN,
+    read_engines_record,
+    stale_engines,
+    write_engines_record,
+)
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.fileio import digest, sha256_file, sha256_graph, write_bytes
 from mvlm_compile.manifest import load_manifest
@@ -47,6 +53,9 @@ from mvlm_compile.trt_env import (
 ENGINE_GRAPHS = ("vision", "projector", "decoder")
 NATIVE_PROJECTOR = "projector-native.onnx"  # written into the engines directory when PEG is built natively
 TIMING_CACHE = "timing.cache"
+# Part of the build's inputs: engines.json written before each engine recorded its source graph
+# (graph_sha256) is rebuilt rather than skipped.
+RECORD_VERSION = 2
 Progress = Callable[[str], None]
 
 
@@ -309,11 +318,10 @@ def build_engines(
     """Build the three engines and engines.json (what the runtime checks before loading).
     `plugin_path` None builds the projector's PEG natively (flavours that allow it). `gpu` is
     the GPU built on (None for an ahead-of-time build without one). Returns "ran", or
-    "skipped (unchanged)" when engines.json records exactly these inputs."""
+    "skipped (unchanged)" when engines.json records exactly these inputs and every engine file
+    still has its recorded hash. The plugin library is hashed, then loaded, and only to build."""
     manifest = load_manifest(artifacts)
-    if plugin_path is not None:
-        load_plugin_library(plugin_path, trt)
-    elif flavour.peg_plugin_required:
+    if plugin_path is None and flavour.peg_plugin_required:
         raise EngineBuildError(f"{flavour.name}: the projector needs the PEG plugin library, and none was given")
     profiles = optimization_profiles(geometry, settings)
     builder_record = {
@@ -324,8 +332,12 @@ def build_engines(
         "compute_capability": sm_text(target.sm),
         "ahead_of_time": flavour.ahead_of_time,
     }
+    for name in manifest.graphs:
+        manifest.check_graph(artifacts, name)  # what TensorRT parses is what the manifest describes
+    graphs = {name: graph["sha256"] for name, graph in manifest.graphs.items()}
     inputs = {
-        "onnx_sha256": manifest.graph_hashes(artifacts),
+        "record": RECORD_VERSION,
+        "onnx_sha256": graphs,
         "plugin_sha256": sha256_file(plugin_path) if plugin_path is not None else PEG_NATIVE,
         "builder": builder_record,
         "target": target.name,
@@ -334,8 +346,15 @@ def build_engines(
         "workspace": plan.workspace,
     }
     previous = read_engines_record(engines_dir)
-    if not force and previous is not None and previous.get("inputs_sha256") == digest(inputs):
+    if (
+        not force
+        and previous is not None
+        and previous.get("inputs_sha256") == digest(inputs)
+        and not stale_engines(engines_dir, previous)  # a build killed before engines.json leaves new engines
+    ):
         return "skipped (unchanged)"
+    if plugin_path is not None:
+        load_plugin_library(plugin_path, trt)  # after hashing it: engines.json names what was loaded
     engines_dir.mkdir(parents=True, exist_ok=True)
     timing_cache = engines_dir / TIMING_CACHE if flavour.timing_cache else None
     engines = {}
@@ -356,6 +375,7 @@ def build_engines(
             "build_seconds": round(built.seconds, 2),
             "onnx": os.path.relpath(onnx_path, engines_dir),
             "onnx_sha256": sha256_graph(onnx_path),
+            "graph_sha256": graphs[name],  # the artifacts' graph (the runtime checks it against their manifest)
             "precision": manifest.graphs[name]["dtype"],
             "profiles": profiles[name],
             "profile_indices": built.profile_indices,

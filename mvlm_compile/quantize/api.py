@@ -28,7 +28,7 @@ from mvlm_compile.quantize import calibration as calib
 from mvlm_compile.quantize.decoder import AlreadyQuantizedError, find_linears, int4_weights, quantize_decoder
 from mvlm_compile.quantize.fp16 import convert_to_fp16
 from mvlm_compile.quantize.settings import QuantizeSettings
-from mvlm_compile.recipes import load_recipe
+from mvlm_compile.recipes import manifest_recipe
 
 Progress = Callable[[str], None]
 _FLOAT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2}
@@ -96,8 +96,7 @@ def _fp16_equivalent_bytes(model: onnx.ModelProto) -> int:
 
 def _recipe_of(manifest: Manifest):
     """The recipe the artifacts were exported with (an error if it cannot be read), or None."""
-    name = manifest.model.get("recipe")
-    return load_recipe(name) if name else None
+    return manifest_recipe(manifest)
 
 
 def resolve_settings(manifest: Manifest, **overrides: Any) -> QuantizeSettings:

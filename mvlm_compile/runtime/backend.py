@@ -39,11 +39,19 @@ class Backend(Protocol):
 
 @contextlib.contextmanager
 def open_backend(
-    name: str, artifacts: Path, engines_dir: Path | None = None, threads: int = 0, int4_activations: str = "fp32"
+    name: str,
+    artifacts: Path,
+    engines_dir: Path | None = None,
+    threads: int = 0,
+    int4_activations: str = "fp32",
+    plugin: Path | None = None,
 ) -> Iterator[Backend]:
     """A backend over an artifacts directory (and, for "trt", its engines directory); closed on exit.
-    `threads` and `int4_activations` (see ort_backend.INT4_ACTIVATIONS) are ONNX Runtime's."""
+    `threads` and `int4_activations` (see ort_backend.INT4_ACTIVATIONS) are ONNX Runtime's; `plugin`
+    (the PEG plugin library the user chose) is TensorRT's."""
     if name == "ort":
+        if plugin is not None:
+            raise MvlmError(f"--plugin {plugin}: applies to --backend trt only")
         from mvlm_compile.runtime.ort_backend import OrtBackend
 
         backend: Backend = OrtBackend(Path(artifacts), threads=threads, int4_activations=int4_activations)
@@ -52,7 +60,7 @@ def open_backend(
 
         if engines_dir is None:
             raise MvlmError("--engines: the TensorRT backend needs an engines directory")
-        backend = TrtBackend(Path(artifacts), Path(engines_dir))
+        backend = TrtBackend(Path(artifacts), Path(engines_dir), plugin=plugin)
     else:
         raise MvlmError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
     try:

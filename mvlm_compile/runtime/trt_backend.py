@@ -25,13 +25,15 @@ from mvlm_compile.engines_record import (
     PEG_PLUGIN,
     TokenLimits,
     check_engines_record,
+    check_plugin_library,
+    check_source_graphs,
     decoder_limits,
     engine_path,
     require_engines_record,
 )
 from mvlm_compile.errors import InternalError, MvlmError
 from mvlm_compile.manifest import Manifest, load_manifest
-from mvlm_compile.peg_op import find_plugin_library
+from mvlm_compile.peg_op import chosen_plugin_library
 from mvlm_compile.runtime.kv_cache import (
     ADDRESS_ALIGNMENT,
     Binding,
@@ -157,7 +159,12 @@ class TrtExecutor:
 class TrtBackend:
     name = "trt"
 
-    def __init__(self, artifacts: Path, engines_dir: Path, manifest: Manifest | None = None) -> None:
+    def __init__(
+        self, artifacts: Path, engines_dir: Path, manifest: Manifest | None = None, plugin: Path | None = None
+    ) -> None:
+        """`plugin`: the PEG plugin library the user chose (--plugin), else $MVLM_PEG_PLUGIN or this
+        installation's build (peg_op.chosen_plugin_library); never one found in the bundle or the
+        engines directory. It is loaded only once engines.json is checked, its SHA-256 included."""
         from polygraphy import cuda
 
         self.artifacts = Path(artifacts)
@@ -167,22 +174,24 @@ class TrtBackend:
         self._decoder: DecoderLoop | None = None
         self._stream = self._empty = self._runtime = None
         record = require_engines_record(engines_dir)
+        graphs = {name: graph["sha256"] for name, graph in self.manifest.graphs.items()}
+        check_source_graphs(engines_dir, record, graphs)
+        plugin = chosen_plugin_library(plugin) if record["plugin"].get("mode") == PEG_PLUGIN else None
+        check_plugin_library(engines_dir, record, plugin)  # before TensorRT is even imported
         flavour = FLAVOURS.get(record["builder"]["flavour"])
         if flavour is None:
             raise MvlmError(f"--engines {engines_dir}: unknown builder {record['builder']['flavour']!r}: rebuild")
         trt, why = import_flavour(flavour)
         if trt is None:
             raise MvlmError(f"--backend trt: the engines in {engines_dir} were built with {flavour.name}: {why}")
-        plugin = None
-        if record["plugin"]["mode"] == PEG_PLUGIN:
-            plugin = find_plugin_library([Path(engines_dir), self.artifacts.parent / "plugins" / "peg" / "build"])
-            load_plugin_library(plugin, trt)  # before deserialising: the projector engine holds the plugin
         gpu = query_gpu()
         self.record = check_engines_record(
-            engines_dir, flavour.name, trt.__version__, gpu and gpu.name, gpu and gpu.sm, plugin
+            engines_dir, flavour.name, trt.__version__, gpu and gpu.name, gpu and gpu.sm, plugin, graphs=graphs
         )
         if not flavour.runs_in_backend:  # reached only on a GPU these engines match
             raise MvlmError(f"--backend trt: running {flavour.name} engines is not supported yet ({engines_dir})")
+        if plugin is not None:  # checked above; before deserialising, since the projector engine holds it
+            load_plugin_library(plugin, trt)
         self.limits: TokenLimits = decoder_limits(self.record, Path(engines_dir))
         try:
             self._stream = cuda.Stream()

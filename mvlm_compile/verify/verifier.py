@@ -94,7 +94,8 @@ class VerifyResult:
             **({"task": self.task.to_json()} if self.task is not None else {}),
         }
 
-    def write_junit(self, path: Path) -> None:
+    def junit_xml(self) -> bytes:
+        """The checks as a JUnit XML test suite."""
         tests = len(self.checks) + 1 + (self.task is not None)
         suite = ET.Element("testsuite", name=f"mvlm-compile verify ({self.backend})", tests=str(tests))
         failures = 0
@@ -115,7 +116,7 @@ class VerifyResult:
                 failures += 1
                 ET.SubElement(case, "failure", message=str({**self.task.summary(), **self.task.gate()}))
         suite.set("failures", str(failures))
-        ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)
+        return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
 
 
 def greedy_check(backend, golden_dir: Path, precisions: set[str], tolerances: dict) -> dict:
