@@ -458,13 +458,20 @@ def build(
         click.echo(f"engines in {result.engines_dir}")
 
 
+def _check_threads(ctx: click.Context, param: click.Parameter, threads: int) -> int:
+    from mvlm_compile.runtime.ort_backend import check_threads
+
+    return check_threads(threads)  # before any file is read
+
+
 def _backend_options(fn):
     fn = click.option(
         "--threads",
-        type=click.IntRange(min=0),
+        type=int,
         default=0,
         show_default=True,
-        help="ONNX Runtime threads (0: its default, one per core).",
+        callback=_check_threads,
+        help="ONNX Runtime threads (0: its default, one per core; at most 4 per usable core).",
     )(fn)
     fn = click.option(
         "--engines",

@@ -1,0 +1,66 @@
+"""A bundle, checkpoint, golden set or image from elsewhere is untrusted input (issue 20): no
+resource bomb from a small file, no silently wrong answer, and a clear one-line error with exit
+status 2 where a number in a file asks for the impossible. Each test fails on the code before
+the issue's fix."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from conftest import GOLDEN_SHAPES, GOLDEN_TINY, TINY_BUNDLE
+
+from mvlm_compile.cli import cli
+from mvlm_compile.errors import EXIT_INPUT_ERROR, MvlmError
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _assert_one_line_input_error(result, *needles: str) -> None:
+    assert result.exit_code == EXIT_INPUT_ERROR, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, result.output)
+
+
+# --threads is bounded ------------------------------------------------------------------------------
+
+
+def test_threads_beyond_four_per_core_are_refused_by_every_command(tmp_path):
+    from mvlm_compile.runtime.ort_backend import usable_cores
+
+    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
+    image = GOLDEN_TINY / "image.png"
+    limit = 4 * usable_cores()
+    for threads in (limit + 1, 3_000_000_000):  # one past the bound; what gave exit 4 (ONNX Runtime's int)
+        for args in (
+            ("verify", bundle, "--golden", GOLDEN_TINY),
+            ("eval", bundle, "--golden", GOLDEN_SHAPES, "--items", "1"),
+            ("run", bundle, "--image", image, "--prompt", "What is it?", "--max-new-tokens", "1"),
+            ("bench", bundle, "--repeats", "1", "--warmup", "0", "--decode-steps", "1", "--prompt-tokens", "150"),
+        ):
+            result = _cli(*args, "--threads", threads)
+            _assert_one_line_input_error(result, f"--threads {threads}", f"to {limit}")
+    assert (
+        _cli("run", bundle, "--image", image, "--prompt", "Hi?", "--max-new-tokens", "1", "--threads", limit).exit_code
+        == 0
+    )
+
+
+def test_the_python_api_bounds_threads_too():
+    from mvlm_compile.manifest import load_manifest
+    from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session, usable_cores
+
+    artifacts = TINY_BUNDLE / "artifacts"
+    too_many = 4 * usable_cores() + 1
+    with pytest.raises(MvlmError, match=f"--threads {too_many}"):
+        OrtBackend(artifacts, threads=too_many)
+    with pytest.raises(MvlmError, match="--threads -1"):
+        OrtBackend(artifacts, threads=-1)
+    with pytest.raises(MvlmError, match=f"--threads {too_many}"):
+        ort_session(load_manifest(artifacts).graph_path(artifacts, "projector"), threads=too_many)
