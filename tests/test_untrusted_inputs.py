@@ -64,3 +64,40 @@ def test_the_python_api_bounds_threads_too():
         OrtBackend(artifacts, threads=-1)
     with pytest.raises(MvlmError, match=f"--threads {too_many}"):
         ort_session(load_manifest(artifacts).graph_path(artifacts, "projector"), threads=too_many)
+
+
+# Every error is one line ---------------------------------------------------------------------------
+
+
+def _assert_error_is_the_last_and_only_error_line(result) -> str:
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("error:"), result.output
+    assert sum(line.startswith("error:") for line in lines) == 1, result.output
+    return lines[-1]
+
+
+def test_a_yaml_parse_error_is_one_line_with_its_position(tmp_path):
+    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: bad\narchitecture:\n  vision: {hidden_size: 64\n  decoder: [\n")
+    result = _cli("build", bundle, "--target", "orin-nx-16gb", "--recipe", recipe)
+    assert result.exit_code == EXIT_INPUT_ERROR, result.output
+    line = _assert_error_is_the_last_and_only_error_line(result)
+    assert f"{recipe}: not valid YAML at line " in line
+
+
+def test_a_library_message_over_several_lines_is_shown_on_one(tiny_artifacts, monkeypatch):
+    from mvlm_compile.runtime import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("first line\n  second line\n\nthird")
+
+    monkeypatch.setattr(pipeline.Chat, "generate", broken)
+    result = _cli("run", tiny_artifacts, "--image", GOLDEN_TINY / "image.png", "--prompt", "What?")
+    line = _assert_error_is_the_last_and_only_error_line(result)
+    assert "RuntimeError: first line second line third (at" in line
+
+
+def test_mvlm_error_show_collapses_whitespace(capsys):
+    MvlmError("a.onnx: cannot load\n  Invoked with:\tthis\n").show()
+    assert capsys.readouterr().err == "error: a.onnx: cannot load Invoked with: this\n"
