@@ -9,6 +9,7 @@ The rules they enforce:
   when held elsewhere. Holding the exclusive lock, the staging leftovers of a killed run are
   removed.
 - Names read from a manifest resolve inside their directory.
+- Only regular files are opened for reading records: a FIFO or a device would block or never end.
 - Files and directories honour the umask, like any other tool's.
 """
 
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -91,9 +93,25 @@ def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def check_regular_file(path: Path, what: str) -> Path:
+    """`path`, once it is a regular file (symbolic links followed): a FIFO or a device is never
+    opened, since reading one blocks or never ends."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing ({what})") from None
+    except OSError as e:  # permission denied on a folder, a symlink loop...
+        raise ArtifactError(f"{path}: unreadable ({e.strerror or e}) ({what})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ArtifactError(f"{path}: unreadable ({kind}) ({what})")
+    return path
+
+
 def read_json(path: Path, what: str) -> Any:
     """Parsed JSON of `path`; one-line errors that tell a missing, an unreadable and a corrupt file apart."""
-    path = Path(path)
+    path = check_regular_file(path, what)
     try:
         text = path.read_bytes()
     except FileNotFoundError:

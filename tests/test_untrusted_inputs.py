@@ -5,7 +5,11 @@ the issue's fix."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -101,3 +105,72 @@ def test_a_library_message_over_several_lines_is_shown_on_one(tiny_artifacts, mo
 def test_mvlm_error_show_collapses_whitespace(capsys):
     MvlmError("a.onnx: cannot load\n  Invoked with:\tthis\n").show()
     assert capsys.readouterr().err == "error: a.onnx: cannot load Invoked with: this\n"
+
+
+# Golden sets: another model's, too long, or not a file --------------------------------------------
+
+
+def _mvlm_compile(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The installed command in a subprocess, so that a hang fails the test instead of stalling it."""
+    command = [sys.executable, "-c", "from mvlm_compile.cli import main; main()", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_golden_generation_longer_than_the_context_is_a_usage_error(tmp_path):
+    golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden")
+    generation = json.loads((golden / "generation.json").read_text())
+    prompt_tokens = len(generation["input_ids"]) - 1 + 144
+    generation["generated_ids"] = [5] * (512 - prompt_tokens + 1)  # one past the tiny model's context of 512
+    (golden / "generation.json").write_text(json.dumps(generation))
+    result = _cli("verify", TINY_BUNDLE, "--golden", golden)
+    _assert_one_line_input_error(
+        result, "generation.json: input_ids", f"+ generated_ids {512 - prompt_tokens + 1} exceed the context of 512"
+    )
+
+
+def test_golden_token_ids_outside_the_vocabulary_are_a_usage_error(tmp_path):
+    golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden")
+    generation = json.loads((golden / "generation.json").read_text())
+    generation["generated_ids"][3] = 512  # the tiny model's vocabulary is 0..511
+    (golden / "generation.json").write_text(json.dumps(generation))
+    _assert_one_line_input_error(
+        _cli("verify", TINY_BUNDLE, "--golden", golden), "generated_ids holds 512, outside this model's vocabulary"
+    )
+
+
+def test_another_models_golden_set_is_a_usage_error(tmp_path):
+    # The shapes model's golden tensors (vision width 128, decoder 256) against the tiny bundle (64, 64).
+    _assert_one_line_input_error(
+        _cli("verify", TINY_BUNDLE, "--golden", GOLDEN_SHAPES, "--task-items", "0"),
+        "image_features is [1, 576, 128], graph vision gives [1, 576, 64]",
+        "another model",
+    )
+    golden = shutil.copytree(GOLDEN_SHAPES, tmp_path / "golden")
+    (golden / "vision.outputs.json").unlink()  # the first mismatch left: the decoder's feed
+    shutil.copy(GOLDEN_TINY / "vision.outputs.json", golden / "vision.outputs.json")
+    shutil.copy(GOLDEN_TINY / "projector.inputs.json", golden / "projector.inputs.json")
+    shutil.copy(GOLDEN_TINY / "projector.outputs.json", golden / "projector.outputs.json")
+    _assert_one_line_input_error(
+        _cli("verify", TINY_BUNDLE, "--golden", golden, "--task-items", "0"),
+        "decoder_prefill.inputs.json: inputs_embeds is [1, ",
+        "graph decoder takes [batch, seq, 64]",
+    )
+
+
+@pytest.mark.parametrize("name", ["generation.json", "vision.inputs.json", "decoder_decode.outputs.json"])
+def test_a_fifo_in_a_golden_set_is_refused_not_waited_on(tmp_path, name):
+    golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden")
+    (golden / name).unlink()
+    os.mkfifo(golden / name)
+    result = _mvlm_compile("verify", TINY_BUNDLE, "--golden", golden)
+    assert result.returncode == EXIT_INPUT_ERROR, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {golden / name}: unreadable (not a regular file)")
+
+
+def test_a_fifo_as_the_task_file_is_refused_by_eval(tmp_path):
+    golden = shutil.copytree(GOLDEN_SHAPES, tmp_path / "golden")
+    (golden / "task.json").unlink()
+    os.mkfifo(golden / "task.json")
+    result = _mvlm_compile("eval", TINY_BUNDLE, "--golden", golden, "--items", "1")
+    assert result.returncode == EXIT_INPUT_ERROR, result.stderr
+    assert f"error: {golden / 'task.json'}: unreadable (not a regular file)" in result.stderr
