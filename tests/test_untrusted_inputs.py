@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import GOLDEN_SHAPES, GOLDEN_TINY, TINY_BUNDLE
@@ -21,6 +22,12 @@ from mvlm_compile.errors import EXIT_INPUT_ERROR, MvlmError
 
 def _cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A copy of the committed tiny bundle: readers take a lock file in it."""
+    return shutil.copytree(TINY_BUNDLE, tmp_path_factory.mktemp("untrusted") / "bundle")
 
 
 def _assert_one_line_input_error(result, *needles: str) -> None:
@@ -35,10 +42,9 @@ def _assert_one_line_input_error(result, *needles: str) -> None:
 # --threads is bounded ------------------------------------------------------------------------------
 
 
-def test_threads_beyond_four_per_core_are_refused_by_every_command(tmp_path):
+def test_threads_beyond_four_per_core_are_refused_by_every_command(bundle):
     from mvlm_compile.runtime.ort_backend import usable_cores
 
-    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
     image = GOLDEN_TINY / "image.png"
     limit = 4 * usable_cores()
     for threads in (limit + 1, 3_000_000_000):  # one past the bound; what gave exit 4 (ONNX Runtime's int)
@@ -116,32 +122,32 @@ def _mvlm_compile(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def test_a_golden_generation_longer_than_the_context_is_a_usage_error(tmp_path):
+def test_a_golden_generation_longer_than_the_context_is_a_usage_error(bundle, tmp_path):
     golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden")
     generation = json.loads((golden / "generation.json").read_text())
     prompt_tokens = len(generation["input_ids"]) - 1 + 144
     generation["generated_ids"] = [5] * (512 - prompt_tokens + 1)  # one past the tiny model's context of 512
     (golden / "generation.json").write_text(json.dumps(generation))
-    result = _cli("verify", TINY_BUNDLE, "--golden", golden)
+    result = _cli("verify", bundle, "--golden", golden)
     _assert_one_line_input_error(
         result, "generation.json: input_ids", f"+ generated_ids {512 - prompt_tokens + 1} exceed the context of 512"
     )
 
 
-def test_golden_token_ids_outside_the_vocabulary_are_a_usage_error(tmp_path):
+def test_golden_token_ids_outside_the_vocabulary_are_a_usage_error(bundle, tmp_path):
     golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden")
     generation = json.loads((golden / "generation.json").read_text())
     generation["generated_ids"][3] = 512  # the tiny model's vocabulary is 0..511
     (golden / "generation.json").write_text(json.dumps(generation))
     _assert_one_line_input_error(
-        _cli("verify", TINY_BUNDLE, "--golden", golden), "generated_ids holds 512, outside this model's vocabulary"
+        _cli("verify", bundle, "--golden", golden), "generated_ids holds 512, outside this model's vocabulary"
     )
 
 
-def test_another_models_golden_set_is_a_usage_error(tmp_path):
+def test_another_models_golden_set_is_a_usage_error(bundle, tmp_path):
     # The shapes model's golden tensors (vision width 128, decoder 256) against the tiny bundle (64, 64).
     _assert_one_line_input_error(
-        _cli("verify", TINY_BUNDLE, "--golden", GOLDEN_SHAPES, "--task-items", "0"),
+        _cli("verify", bundle, "--golden", GOLDEN_SHAPES, "--task-items", "0"),
         "image_features is [1, 576, 128], graph vision gives [1, 576, 64]",
         "another model",
     )
@@ -151,26 +157,71 @@ def test_another_models_golden_set_is_a_usage_error(tmp_path):
     shutil.copy(GOLDEN_TINY / "projector.inputs.json", golden / "projector.inputs.json")
     shutil.copy(GOLDEN_TINY / "projector.outputs.json", golden / "projector.outputs.json")
     _assert_one_line_input_error(
-        _cli("verify", TINY_BUNDLE, "--golden", golden, "--task-items", "0"),
+        _cli("verify", bundle, "--golden", golden, "--task-items", "0"),
         "decoder_prefill.inputs.json: inputs_embeds is [1, ",
         "graph decoder takes [batch, seq, 64]",
     )
 
 
 @pytest.mark.parametrize("name", ["generation.json", "vision.inputs.json", "decoder_decode.outputs.json"])
-def test_a_fifo_in_a_golden_set_is_refused_not_waited_on(tmp_path, name):
+def test_a_fifo_in_a_golden_set_is_refused_not_waited_on(bundle, tmp_path, name):
     golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden")
     (golden / name).unlink()
     os.mkfifo(golden / name)
-    result = _mvlm_compile("verify", TINY_BUNDLE, "--golden", golden)
+    result = _mvlm_compile("verify", bundle, "--golden", golden)
     assert result.returncode == EXIT_INPUT_ERROR, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {golden / name}: unreadable (not a regular file)")
 
 
-def test_a_fifo_as_the_task_file_is_refused_by_eval(tmp_path):
+def test_a_fifo_as_the_task_file_is_refused_by_eval(bundle, tmp_path):
     golden = shutil.copytree(GOLDEN_SHAPES, tmp_path / "golden")
     (golden / "task.json").unlink()
     os.mkfifo(golden / "task.json")
-    result = _mvlm_compile("eval", TINY_BUNDLE, "--golden", golden, "--items", "1")
+    result = _mvlm_compile("eval", bundle, "--golden", golden, "--items", "1")
     assert result.returncode == EXIT_INPUT_ERROR, result.stderr
     assert f"error: {golden / 'task.json'}: unreadable (not a regular file)" in result.stderr
+
+
+# Images deeper than 8 bits ---------------------------------------------------------------------------
+
+
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped(tmp_path):
+    from PIL import Image
+
+    from mvlm_compile.model.preprocess import load_image, preprocess_image
+
+    every_value = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    # The 8-bit value of each 16-bit one, v * 255 / 65535 to the nearest integer, in integer arithmetic
+    # (no value falls on a tie: 65535 is odd).
+    expected = Image.fromarray(((every_value.astype(np.int64) * 255 + 65535 // 2) // 65535).astype(np.uint8))
+    png = tmp_path / "grey16.png"
+    Image.fromarray(every_value).save(png)
+    pgm = tmp_path / "grey16.pgm"  # written by hand: big-endian samples, maxval 65535
+    pgm.write_bytes(b"P5 256 256 65535\n" + every_value.astype(">u2").tobytes())
+    pgm10 = tmp_path / "grey10.pgm"  # maxval 1023, which Pillow rescales to 0..65535
+    pgm10.write_bytes(b"P5 256 256 1023\n" + (np.arange(65536) % 1024).astype(">u2").tobytes())
+    expected10 = Image.fromarray(np.rint((np.arange(65536) % 1024).reshape(256, 256) * 255 / 1023).astype(np.uint8))
+    assert Image.open(png).mode == "I;16" and Image.open(pgm).mode == "I"
+    want = preprocess_image(expected)
+    np.testing.assert_array_equal(preprocess_image(load_image(png)), want)
+    np.testing.assert_array_equal(preprocess_image(load_image(pgm)), want)
+    np.testing.assert_array_equal(preprocess_image(load_image(pgm10)), preprocess_image(expected10))
+    np.testing.assert_array_equal(
+        preprocess_image(Image.open(png)), want
+    )  # the Python API, an image not from load_image
+
+
+@pytest.mark.parametrize("dtype,mode", [(np.int32, "I"), (np.float32, "F")])
+def test_thirty_two_bit_samples_are_refused(bundle, tmp_path, dtype, mode):
+    from PIL import Image
+
+    from mvlm_compile.model.preprocess import preprocess_image
+
+    samples = (np.arange(40 * 30).reshape(30, 40) * 50).astype(dtype)
+    path = tmp_path / "deep.tif"
+    Image.fromarray(samples).save(path)
+    assert Image.open(path).mode == mode
+    result = _cli("run", bundle, "--image", path, "--prompt", "What is it?", "--max-new-tokens", "1")
+    _assert_one_line_input_error(result, f"{path}: image mode {mode!r}", "no fixed intensity range")
+    with pytest.raises(MvlmError, match=f"image mode {mode!r}"):
+        preprocess_image(Image.fromarray(samples))
