@@ -225,3 +225,52 @@ def test_thirty_two_bit_samples_are_refused(bundle, tmp_path, dtype, mode):
     _assert_one_line_input_error(result, f"{path}: image mode {mode!r}", "no fixed intensity range")
     with pytest.raises(MvlmError, match=f"image mode {mode!r}"):
         preprocess_image(Image.fromarray(samples))
+
+
+# Resource bombs in a small file ---------------------------------------------------------------------
+
+
+def _edit_config(checkpoint, **changes):
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("vision_"):
+            config["vision_config"][key.removeprefix("vision_")] = value
+        else:
+            config[key] = value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "command,change,needle",
+    [
+        ("golden", {"num_hidden_layers": 1_000_000}, "the decoder's num_hidden_layers is 1000000"),
+        ("export", {"vision_num_hidden_layers": 1_000_000}, "the vision tower's num_hidden_layers is 1000000"),
+        ("golden", {"num_hidden_layers": 1}, "the decoder's num_hidden_layers is 1"),
+    ],
+)
+def test_layer_counts_are_checked_against_the_weights_before_anything_is_built(
+    tiny_checkpoint, tmp_path, command, change, needle
+):
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
+    _edit_config(checkpoint, **change)
+    # A subprocess with a deadline: before the check, a million layers took minutes and gigabytes.
+    result = _mvlm_compile(command, "--checkpoint", checkpoint, "--out", tmp_path / "out", timeout=90)
+    assert result.returncode == EXIT_INPUT_ERROR, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {checkpoint / 'config.json'}: {needle}, but the weights hold"), line
+    assert "layers: 2 (0..1)" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_clip_directorys_layer_count_is_checked_too(tiny_separate, tmp_path):
+    checkpoint, clip = tiny_separate
+    clip = shutil.copytree(clip, tmp_path / "clip")
+    config = json.loads((clip / "config.json").read_text())
+    vision = config.get("vision_config", config)
+    vision["num_hidden_layers"] = 1_000_000
+    (clip / "config.json").write_text(json.dumps(config))
+    result = _mvlm_compile(
+        "golden", "--checkpoint", checkpoint, "--vision-tower", clip, "--out", tmp_path / "out", timeout=90
+    )
+    assert result.returncode == EXIT_INPUT_ERROR, result.stderr
+    assert f"error: {clip}/config.json: the vision tower's num_hidden_layers is 1000000" in result.stderr
