@@ -274,3 +274,31 @@ def test_a_clip_directorys_layer_count_is_checked_too(tiny_separate, tmp_path):
     )
     assert result.returncode == EXIT_INPUT_ERROR, result.stderr
     assert f"error: {clip}/config.json: the vision tower's num_hidden_layers is 1000000" in result.stderr
+
+
+def test_a_manifest_claiming_a_huge_context_is_refused_not_allocated(tmp_path):
+    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
+    manifest = json.loads((bundle / "artifacts" / "manifest.json").read_text())
+    manifest["model"]["max_context"] = 10**12  # a config's max_position_embeddings carried into the manifest
+    (bundle / "artifacts" / "manifest.json").write_text(json.dumps(manifest))
+    needles = ("preallocated at a context of 1000000000000 tokens", "manifest.json), needs", "of memory")
+    image = GOLDEN_TINY / "image.png"
+    _assert_one_line_input_error(_cli("run", bundle, "--image", image, "--prompt", "What is it?"), *needles)
+    _assert_one_line_input_error(_cli("verify", bundle, "--golden", GOLDEN_TINY), *needles)
+
+
+def test_the_cache_bound_is_this_machines_memory(monkeypatch):
+    from mvlm_compile.engines_record import TokenLimits
+    from mvlm_compile.manifest import load_manifest
+    from mvlm_compile.runtime import kv_cache
+
+    manifest = load_manifest(TINY_BUNDLE / "artifacts")
+    limits = TokenLimits(512, 512, "test")
+    plan = kv_cache.DecoderPlan.from_manifest(manifest, limits)
+    # The tiny model at 512 tokens: K and V of 2 layers, 4 heads of 16 float16 values per token.
+    assert plan.cache_bytes == 2 * 2 * 512 * 4 * 16 * 2
+    monkeypatch.setattr(kv_cache, "host_memory_bytes", lambda: plan.total_bytes)
+    assert kv_cache.DecoderPlan.from_manifest(manifest, limits) == plan
+    monkeypatch.setattr(kv_cache, "host_memory_bytes", lambda: plan.total_bytes - 1)
+    with pytest.raises(MvlmError, match="context of 512 tokens"):
+        kv_cache.DecoderPlan.from_manifest(manifest, limits)
