@@ -302,3 +302,19 @@ def test_the_cache_bound_is_this_machines_memory(monkeypatch):
     monkeypatch.setattr(kv_cache, "host_memory_bytes", lambda: plan.total_bytes - 1)
     with pytest.raises(MvlmError, match="context of 512 tokens"):
         kv_cache.DecoderPlan.from_manifest(manifest, limits)
+
+
+def test_only_the_calibration_images_used_are_decoded(tmp_path):
+    from PIL import Image
+
+    from mvlm_compile.quantize.calibration import CalibrationSpec, _image_samples
+
+    for name, colour in (("a.png", (200, 30, 30)), ("b.png", (30, 200, 30))):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / name)
+    for name in ("c.png", "d.png"):  # sorted after the two used: never opened
+        (tmp_path / name).write_bytes(b"not an image")
+    samples = _image_samples(CalibrationSpec(images=tmp_path, max_samples=2))
+    assert [name for name, *_ in samples] == ["a.png", "b.png"]
+    assert np.asarray(samples[1][1])[0, 0].tolist() == [30, 200, 30]
+    with pytest.raises(MvlmError, match="c.png: not an image file"):  # the third sample would use it
+        _image_samples(CalibrationSpec(images=tmp_path, max_samples=3))
