@@ -318,3 +318,33 @@ def test_only_the_calibration_images_used_are_decoded(tmp_path):
     assert np.asarray(samples[1][1])[0, 0].tolist() == [30, 200, 30]
     with pytest.raises(MvlmError, match="c.png: not an image file"):  # the third sample would use it
         _image_samples(CalibrationSpec(images=tmp_path, max_samples=3))
+
+
+# The reference is the export, or nothing -----------------------------------------------------------
+
+
+def test_a_bundle_without_its_reference_never_gets_one_made_from_the_rewritten_graphs(tmp_path):
+    from mvlm_compile.errors import EXIT_ENGINES_DEFERRED
+
+    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
+    shutil.rmtree(bundle / "artifacts" / "reference")  # left out when copying, as the README allows
+    result = _cli("build", bundle, "--target", "orin-nx-16gb", "--json")
+    assert result.exit_code == EXIT_ENGINES_DEFERRED, result.output
+    assert not (bundle / "artifacts" / "reference").exists()
+    assert _cli("optimize", bundle).exit_code == 0
+    assert not (bundle / "artifacts" / "reference").exists()
+    verified = _cli("verify", bundle, "--golden", GOLDEN_TINY, "--json")
+    assert verified.exit_code == 0, verified.output
+    assert not (bundle / "artifacts" / "reference").exists()
+
+
+def test_an_export_still_gets_its_reference(tiny_artifacts, tmp_path):
+    from mvlm_compile.fileio import sha256_graph
+    from mvlm_compile.manifest import keep_reference, load_manifest
+
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "artifacts")
+    shutil.rmtree(artifacts / "reference", ignore_errors=True)
+    exported = load_manifest(artifacts).graph_hashes(artifacts)
+    reference = keep_reference(artifacts)
+    assert reference is not None
+    assert {name: sha256_graph(reference / f"{name}.onnx") for name in exported} == exported
