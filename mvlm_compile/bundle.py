@@ -265,6 +265,11 @@ def build(
     From a checkpoint, `bundle` must be new, empty or a bundle we made, and neither the
     checkpoint nor one of its parents."""
     bundle = Path(bundle)
+    if checkpoint is not None and recipe_name is not None:  # before anything is written
+        from mvlm_compile.model.config import load_mobilevlm_config
+        from mvlm_compile.recipes import check_recipe_fits_checkpoint
+
+        check_recipe_fits_checkpoint(load_recipe(recipe_name), load_mobilevlm_config(checkpoint))
     if checkpoint is not None:
         check_output_dir(bundle, "bundle", inputs=[checkpoint, vision_tower])
         bundle.mkdir(parents=True, exist_ok=True)
@@ -293,6 +298,7 @@ def _build_locked(
 ) -> BuildResult:
     from mvlm_compile.quantize import QuantizeSettings, quantize_artifacts
     from mvlm_compile.quantize.calibration import spec_for_recipe
+    from mvlm_compile.recipes import check_recipe_fits_artifacts
     from mvlm_compile.surgery import optimize_artifacts
 
     target = load_target(target_name)
@@ -309,6 +315,7 @@ def _build_locked(
     if recipe_ref is None:
         raise MvlmError(f"{artifacts / MANIFEST_NAME}: no recipe matches this model; pass --recipe NAME|PATH")
     recipe = load_recipe(recipe_ref)
+    check_recipe_fits_artifacts(recipe, manifest.model, artifacts / MANIFEST_NAME)
     settings = BuildSettings.resolve(recipe, target, int(manifest.model["max_context"]), context, batch)
     geometry = Geometry.from_recipe_and_manifest(recipe, manifest.model)
     plan = plan_memory(geometry, recipe, target, settings)

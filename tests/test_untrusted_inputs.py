@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import GOLDEN_SHAPES, GOLDEN_TINY, TINY_BUNDLE
+from conftest import GOLDEN_SHAPES, GOLDEN_TINY, REPO, TINY_BUNDLE
 
 from mvlm_compile.cli import cli
 from mvlm_compile.errors import EXIT_INPUT_ERROR, MvlmError
@@ -348,3 +348,46 @@ def test_an_export_still_gets_its_reference(tiny_artifacts, tmp_path):
     reference = keep_reference(artifacts)
     assert reference is not None
     assert {name: sha256_graph(reference / f"{name}.onnx") for name in exported} == exported
+
+
+# A recipe names a model's geometry ----------------------------------------------------------------
+
+
+def test_another_models_recipe_is_refused_for_a_checkpoint_before_anything_is_written(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    result = _cli("build", tiny_checkpoint, "--target", "orin-nx-16gb", "--out", out, "--recipe", "tiny-shapes")
+    _assert_one_line_input_error(
+        result,
+        f"--recipe tiny-shapes: does not fit the checkpoint {tiny_checkpoint}",
+        "decoder.hidden_size is 64, recipe tiny-shapes expects 256",
+        "vision.hidden_size is 64, recipe tiny-shapes expects 128",
+    )
+    assert not out.exists()
+
+
+def test_another_models_recipe_is_refused_for_a_bundle(tmp_path):
+    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
+    result = _cli("build", bundle, "--target", "orin-nx-16gb", "--recipe", "tiny-shapes")
+    _assert_one_line_input_error(
+        result,
+        "--recipe tiny-shapes: does not fit",
+        "manifest.json (decoder.hidden_size is 64, recipe tiny-shapes expects 256",
+        "vision.hidden_size is 64, recipe tiny-shapes expects 128",
+    )
+    # A bundle's own recipe.yaml from elsewhere is checked the same way.
+    (bundle / "recipe.yaml").write_text((REPO / "recipes" / "tiny-shapes.yaml").read_text())
+    manifest = json.loads((bundle / "artifacts" / "manifest.json").read_text())
+    manifest["model"]["recipe"] = None
+    (bundle / "artifacts" / "manifest.json").write_text(json.dumps(manifest))
+    _assert_one_line_input_error(
+        _cli("build", bundle, "--target", "orin-nx-16gb"), "--recipe tiny-shapes: does not fit"
+    )
+
+
+def test_a_recipe_without_the_geometry_the_plan_needs_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    text = (REPO / "recipes" / "tiny.yaml").read_text()
+    recipe.write_text(text.replace("intermediate_size: 192, ", ""))
+    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
+    result = _cli("build", bundle, "--target", "orin-nx-16gb", "--recipe", recipe)
+    _assert_one_line_input_error(result, f"{recipe}: architecture.decoder lacks integer intermediate_size")
