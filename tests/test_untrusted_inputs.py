@@ -76,6 +76,24 @@ def test_the_python_api_bounds_threads_too():
         ort_session(load_manifest(artifacts).graph_path(artifacts, "projector"), threads=too_many)
 
 
+def test_the_benchmarks_bound_threads_too(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import int4_kernel_bench
+    import llama_cpp_bench
+    import lm_head_study
+
+    from mvlm_compile.runtime.ort_backend import usable_cores
+
+    too_many = str(4 * usable_cores() + 1)
+    report = ["--report", str(tmp_path / "r.json")]
+    assert int4_kernel_bench.main(["--recipe", "tiny", "--blocks", "16", "--threads", too_many, *report]) == 2
+    assert lm_head_study.main(["--checkpoint", str(tmp_path), "--threads", too_many, *report]) == 2
+    bench = ["--checkpoint", str(tmp_path), "--artifacts", str(TINY_BUNDLE), "--workdir", str(tmp_path)]
+    assert llama_cpp_bench.main([*bench, "--threads", too_many, *report]) == 2
+    assert capsys.readouterr().err.count(f"error: --threads {too_many}: expected 0") == 3
+    assert not (tmp_path / "r.json").exists()
+
+
 # Every error is one line ---------------------------------------------------------------------------
 
 
