@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mvlm_compile.engines_record import TokenLimits
 from mvlm_compile.errors import ArtifactError
 from mvlm_compile.fileio import check_regular_file, read_json_object
 from mvlm_compile.model.prompt import IMAGE_TOKEN_INDEX
@@ -48,7 +49,7 @@ def load_generation(golden_dir: Path) -> dict:
     return data
 
 
-def _shape_text(shape) -> str:
+def _shape_text(shape: tuple | list) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
@@ -87,9 +88,9 @@ def check_golden_outputs(golden_dir: Path, component: str, expected: dict, got: 
             )
 
 
-def check_generation_fits(golden_dir: Path, generation: dict, model: dict, limits) -> None:
+def check_generation_fits(golden_dir: Path, generation: dict, model: dict, limits: TokenLimits) -> None:
     """generation.json's ids are tokens of this model and its prompt + golden tokens fit the
-    backend's limits (`limits`: engines_record.TokenLimits): a usage error, not a failed run."""
+    backend's limits: a usage error, not a failed run."""
     path = Path(golden_dir) / "generation.json"
     vocab, image = int(model["vocab_size"]), int(model["image_token_index"])
     for key in ("input_ids", "generated_ids"):
