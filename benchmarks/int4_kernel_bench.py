@@ -26,6 +26,7 @@ import numpy as np
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.fileio import write_json
 from mvlm_compile.recipes import load_recipe
+from mvlm_compile.runtime.ort_backend import check_threads
 from mvlm_compile.table import render_table
 
 ZERO_POINT = 8  # MatMulNBits' default for 4 bits: codes 0..15 stand for -8..7
@@ -102,7 +103,7 @@ def cpu_session(model, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = check_threads(threads)  # at most 4 per core, as the CLI's --threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -139,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --threads and --repeats must be at least 1, --blocks powers of two >= 16", file=sys.stderr)
         return 2
     try:
+        check_threads(opts.threads)
         linears = step_linears(opts.recipe)
         results = {}
         for block in opts.blocks:

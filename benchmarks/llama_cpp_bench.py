@@ -37,6 +37,7 @@ import numpy as np
 from mvlm_compile.bundle import resolve_artifacts
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.fileio import write_bytes, write_json
+from mvlm_compile.runtime.ort_backend import check_threads
 from mvlm_compile.table import render_table
 
 INSTALL_HINT = (
@@ -473,6 +474,7 @@ def run(opts: argparse.Namespace) -> int:
     # The inputs first: a wrong path is an error (2) even where the benchmark would be skipped (3).
     if opts.threads < 1 or opts.repeats < 1 or opts.decode_steps < 1 or opts.check_tokens < 2:
         raise MvlmError("--threads, --repeats and --decode-steps must be at least 1, --check-tokens at least 2")
+    check_threads(opts.threads)  # llama.cpp's and torch's threads too: at most 4 per core, as the CLI's
     if min(opts.prefill + opts.depths) < 1:
         raise MvlmError("--prefill and --depths: lengths must be at least 1")
     if not (opts.checkpoint / "config.json").is_file():

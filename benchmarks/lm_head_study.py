@@ -26,6 +26,7 @@ from llama_cpp_bench import compare_logits, reference_model, text_weights
 
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.fileio import write_json
+from mvlm_compile.runtime.ort_backend import check_threads
 from mvlm_compile.table import render_table
 
 
@@ -114,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --positions, --threads and --repeats must be at least 1", file=sys.stderr)
         return 2
     try:
+        check_threads(opts.threads)  # torch's threads too: at most 4 per core, as the CLI's --threads
         hidden, weight = hidden_states(opts.checkpoint, opts.positions, opts.threads)
     except MvlmError as e:
         print(f"error: {e.format_message()}", file=sys.stderr)

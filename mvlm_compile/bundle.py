@@ -54,7 +54,7 @@ from mvlm_compile.manifest import (
     restore_export,
 )
 from mvlm_compile.peg_op import PEG_DIR, PLUGIN_LIBRARY, chosen_plugin_library, find_plugin_library
-from mvlm_compile.recipes import Recipe, Target, load_recipe, load_target, manifest_recipe
+from mvlm_compile.recipes import Recipe, Target, check_recipe_fits_artifacts, load_recipe, load_target, manifest_recipe
 from mvlm_compile.trt_env import Flavour, import_flavour, query_gpu
 
 ARTIFACTS_DIR = "artifacts"
@@ -279,6 +279,11 @@ def build(
     checkpoint nor one of its parents. `plugin`: the PEG plugin library to build the projector
     with (--plugin; else $MVLM_PEG_PLUGIN or this installation's build, see _check_plugin_choice)."""
     bundle = Path(bundle)
+    if checkpoint is not None and recipe_name is not None:  # before anything is written
+        from mvlm_compile.model.config import load_mobilevlm_config
+        from mvlm_compile.recipes import check_recipe_fits_checkpoint
+
+        check_recipe_fits_checkpoint(load_recipe(recipe_name), load_mobilevlm_config(checkpoint))
     if checkpoint is not None:
         check_output_dir(bundle, "bundle", inputs=[checkpoint, vision_tower])
         bundle.mkdir(parents=True, exist_ok=True)
@@ -323,6 +328,7 @@ def _build_locked(
         recipe = load_recipe(safe_join(bundle, "recipe.yaml", bundle / BUNDLE_RECORD))
     if recipe is None:
         raise MvlmError(f"{artifacts / MANIFEST_NAME}: no recipe matches this model; pass --recipe NAME|PATH")
+    check_recipe_fits_artifacts(recipe, manifest.model, artifacts / MANIFEST_NAME)
     settings = BuildSettings.resolve(recipe, target, int(manifest.model["max_context"]), context, batch)
     geometry = Geometry.from_recipe_and_manifest(recipe, manifest.model)
     plan = plan_memory(geometry, recipe, target, settings)

@@ -361,7 +361,7 @@ def quantize(
 ) -> None:
     """INT4 weight-only decoder (AWQ or RTN) and FP16 vision/projector; with --golden, an accuracy report."""
     _quiet_libraries()
-    from mvlm_compile.manifest import REFERENCE_DIR, keep_reference, load_manifest
+    from mvlm_compile.manifest import MANIFEST_NAME, REFERENCE_DIR, keep_reference, load_manifest
     from mvlm_compile.quantize import quantize_artifacts, resolve_settings
     from mvlm_compile.quantize.calibration import CalibrationSpec
 
@@ -387,7 +387,8 @@ def quantize(
     if golden is not None:
         from mvlm_compile.verify.accuracy import accuracy_table, evaluate_artifacts
 
-        reference = artifacts if out is not None else artifacts / REFERENCE_DIR
+        kept = artifacts / REFERENCE_DIR  # none when the graphs were rewritten before it was kept
+        reference = artifacts if out is not None else kept if (kept / MANIFEST_NAME).exists() else None
         accuracy = evaluate_artifacts(Path(report.artifacts), golden, reference, _progress("accuracy"))
     if as_json:
         _echo_json({"quantize": report.to_json(), "accuracy": accuracy})
@@ -503,14 +504,21 @@ def build(
         click.echo(f"engines in {result.engines_dir}")
 
 
+def _check_threads(ctx: click.Context, param: click.Parameter, threads: int) -> int:
+    from mvlm_compile.runtime.ort_backend import check_threads
+
+    return check_threads(threads)  # before any file is read
+
+
 def _backend_options(fn):
     fn = _plugin_option(fn)
     fn = click.option(
         "--threads",
-        type=click.IntRange(min=0),
+        type=int,
         default=0,
         show_default=True,
-        help="ONNX Runtime threads (0: its default, one per core).",
+        callback=_check_threads,
+        help="ONNX Runtime threads (0: its default, one per core; at most 4 per usable core).",
     )(fn)
     fn = click.option(
         "--engines",

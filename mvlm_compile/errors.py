@@ -25,13 +25,19 @@ EXIT_INTERNAL_ERROR = 4
 EXIT_INTERRUPTED = 130
 
 
+def collapse_whitespace(message: str) -> str:
+    """`message` with every run of whitespace (newlines of a library's message, a YAML parser's
+    context lines, a table) made one space: an error is one line in a log or a terminal."""
+    return " ".join(str(message).split())
+
+
 class MvlmError(click.ClickException):
-    """An error the user can act on: printed as `error: <message>`, exits with `exit_code`."""
+    """An error the user can act on: printed as `error: <message>` on one line, exits with `exit_code`."""
 
     exit_code = EXIT_INPUT_ERROR
 
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True, file=file)
+        click.echo(f"error: {collapse_whitespace(self.format_message())}", err=True, file=file)
 
 
 class CheckpointError(MvlmError):
@@ -49,7 +55,8 @@ class NumericalFailure(MvlmError):
 
 
 class EnginesDeferred(MvlmError):
-    """Not an error of the user's: the bundle is ready, the engines are built on the target."""
+    """Not an error of the user's: the bundle is ready, the engines are built on the target. Its
+    message keeps its lines: the command to run on the target stands on its own, to be copied."""
 
     exit_code = EXIT_ENGINES_DEFERRED
 
@@ -67,4 +74,4 @@ class Interrupted(MvlmError):
     exit_code = EXIT_INTERRUPTED
 
     def show(self, file=None) -> None:
-        click.echo(f"interrupted: {self.format_message()}", err=True, file=file)
+        click.echo(f"interrupted: {collapse_whitespace(self.format_message())}", err=True, file=file)

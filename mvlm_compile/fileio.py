@@ -12,6 +12,7 @@ The rules they enforce:
 - A file the user names (`--report`) is never replaced unless it is a regular file: devices and
   pipes are written through, symbolic links refused.
 - A write that fails names its file, a full disk's ENOSPC (which write() raises nameless) too.
+- Only regular files are opened for reading records: a FIFO or a device would block or never end.
 - Files and directories honour the umask, like any other tool's.
 """
 
@@ -159,9 +160,25 @@ def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def check_regular_file(path: Path, what: str) -> Path:
+    """`path`, once it is a regular file (symbolic links followed): a FIFO or a device is never
+    opened, since reading one blocks or never ends."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing ({what})") from None
+    except OSError as e:  # permission denied on a folder, a symlink loop...
+        raise ArtifactError(f"{path}: unreadable ({e.strerror or e}) ({what})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ArtifactError(f"{path}: unreadable ({kind}) ({what})")
+    return path
+
+
 def read_json(path: Path, what: str) -> Any:
     """Parsed JSON of `path`; one-line errors that tell a missing, an unreadable and a corrupt file apart."""
-    path = Path(path)
+    path = check_regular_file(path, what)
     try:
         text = path.read_bytes()
     except FileNotFoundError:

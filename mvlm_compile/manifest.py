@@ -146,12 +146,19 @@ def keep_reference(directory: Path) -> Path | None:
     graph's external weights (`<graph>.onnx.data`) are the exception: onnx refuses to load a data
     file that has several links (its guard against hard-link attacks), so the data file is *moved*
     into reference/ when its graph is first replaced (replace_graph), still at no extra disk.
-    Until then the reference graph is the artifacts' own, unchanged (reference_graph_path)."""
+    Until then the reference graph is the artifacts' own, unchanged (reference_graph_path).
+
+    Only graphs as exported make a reference: once a stage has rewritten them (a bundle copied
+    without its reference/, as the README allows), none is made from the optimized or INT4
+    graphs, which would then be judged against themselves; verify and quantize --golden go
+    without (the export is the only right source: re-export to have one)."""
     directory = Path(directory)
     reference = directory / REFERENCE_DIR
     if (reference / MANIFEST_NAME).exists():
         return None
     with directory_lock(directory):
+        if set(load_manifest(directory).stages) - {"export"}:
+            return None
         return _make_reference(directory, reference)
 
 

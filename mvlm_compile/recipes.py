@@ -52,7 +52,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise MvlmError(f"{path}: not found") from None
     except yaml.YAMLError as e:
-        raise MvlmError(f"{path}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise MvlmError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise MvlmError(f"{path}: expected a mapping")
     return data
@@ -73,6 +75,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     missing = [k for k in ("name", "architecture", "precision", "defaults") if k not in data]
     if missing:
         raise MvlmError(f"{path}: recipe lacks {missing}")
+    _check_architecture(path, data["architecture"])
     calibration = data.get("calibration", {})
     if not isinstance(calibration, dict):
         raise MvlmError(f"{path}: 'calibration' must be a mapping (e.g. {{task: shapes, samples: 32}})")
@@ -102,6 +105,24 @@ def manifest_recipe(manifest: Manifest, where: Path | str = MANIFEST_NAME) -> Re
             "a manifest never names a recipe file: pass --recipe NAME|PATH"
         )
     return load_recipe(name)
+
+
+# The geometry a recipe names (its model's), as config.json spells it; a build checks the
+# checkpoint or the artifacts against it, and plans memory from it.
+ARCHITECTURE_KEYS = {
+    "decoder": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
+    "vision": ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size", "select_layer"),
+}
+
+
+def _check_architecture(path: Path, architecture: Any) -> None:
+    for part, keys in ARCHITECTURE_KEYS.items():
+        values = architecture.get(part) if isinstance(architecture, dict) else None
+        if not isinstance(values, dict):
+            raise MvlmError(f"{path}: architecture.{part} must be a mapping of {', '.join(keys)}")
+        bad = [k for k in keys if isinstance(values.get(k), bool) or not isinstance(values.get(k), int)]
+        if bad:
+            raise MvlmError(f"{path}: architecture.{part} lacks integer {', '.join(bad)}")
 
 
 def load_targets(path: Path = TARGETS_FILE) -> dict[str, Target]:
@@ -163,6 +184,36 @@ def architecture_mismatches(recipe: Recipe, cfg: MobileVLMConfig) -> list[str]:
             if value != expected:
                 problems.append(f"{part}.{key} is {value}, recipe {recipe.name} expects {expected}")
     return problems
+
+
+def check_recipe_fits_checkpoint(recipe: Recipe, cfg: MobileVLMConfig) -> None:
+    """A recipe names a model's geometry: another model's checkpoint is refused (exit 2)."""
+    problems = architecture_mismatches(recipe, cfg)
+    if problems:
+        raise MvlmError(
+            f"--recipe {recipe.name}: does not fit the checkpoint {cfg.path.parent} ({'; '.join(problems)})"
+        )
+
+
+# The recipe's geometry as an artifacts manifest records it (manifest.json "model").
+_MANIFEST_GEOMETRY = {
+    ("decoder", "hidden_size"): "hidden_size",
+    ("decoder", "num_hidden_layers"): "num_layers",
+    ("decoder", "num_attention_heads"): "num_heads",
+    ("decoder", "vocab_size"): "vocab_size",
+    ("vision", "hidden_size"): "mm_hidden_size",
+}
+
+
+def check_recipe_fits_artifacts(recipe: Recipe, model: dict[str, Any], manifest_path: Path) -> None:
+    """The recipe's geometry against an artifacts manifest's model record: another model's recipe is refused."""
+    problems = [
+        f"{part}.{key} is {model.get(field)}, recipe {recipe.name} expects {recipe.architecture[part][key]}"
+        for (part, key), field in _MANIFEST_GEOMETRY.items()
+        if model.get(field) != recipe.architecture[part][key]
+    ]
+    if problems:
+        raise MvlmError(f"--recipe {recipe.name}: does not fit {manifest_path} ({'; '.join(problems)})")
 
 
 def recipe_for(cfg: MobileVLMConfig) -> Recipe:

@@ -58,6 +58,10 @@ def test_verify_names_the_first_diverging_node(tiny_artifacts, tmp_path):
 def test_verify_missing_golden_is_an_input_error(tiny_artifacts, tmp_path):
     result = CliRunner().invoke(cli, ["verify", str(tiny_artifacts), "--golden", str(tmp_path)])
     assert result.exit_code == 2
+    assert "generation.json: missing (golden greedy generation)" in result.output  # checked before any graph runs
+    golden = shutil.copytree(GOLDEN_TINY, tmp_path / "golden", ignore=shutil.ignore_patterns("vision.*"))
+    result = CliRunner().invoke(cli, ["verify", str(tiny_artifacts), "--golden", str(golden)])
+    assert result.exit_code == 2
     assert "missing golden file for component 'vision'" in result.output
 
 

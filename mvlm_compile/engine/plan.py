@@ -183,7 +183,7 @@ def check_fits(plan: MemoryPlan, target: Target, recipe: Recipe) -> None:
         raise MvlmError(
             f"--target {target.name}: {recipe.name} needs {plan.total / GIB:.2f} GiB + "
             f"{MIN_WORKSPACE / GIB:.2f} GiB workspace but the target's budget is {plan.budget / GIB:.2f} GiB "
-            f"(lower --context or --batch):\n{plan.table()}"
+            f"(lower --context or --batch): " + "; ".join(f"{name} {b / GIB:.2f} GiB" for name, b in plan.rows)
         )
 
 

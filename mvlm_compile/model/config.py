@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvlm_compile.errors import CheckpointError
+from mvlm_compile.errors import CheckpointError, collapse_whitespace
 
 IMAGE_TOKEN_INDEX = -200  # the authors' placeholder id for <image> in token id lists
 IMAGE_GRID = 24  # 336 / 14 patches per side
@@ -129,7 +129,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def one_line(e: BaseException, limit: int = 200) -> str:
     """An exception as `Type: message` on one line (library messages span lines and run long)."""
-    text = f"{type(e).__name__}: " + " ".join(str(e).split())
+    text = f"{type(e).__name__}: " + collapse_whitespace(str(e))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

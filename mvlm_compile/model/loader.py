@@ -13,6 +13,7 @@ as it is loaded; each problem is a one-line CheckpointError naming the tensor an
 from __future__ import annotations
 
 import contextlib
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -316,6 +317,7 @@ def load_checkpoint(
     files = find_weight_files(checkpoint_dir)
     vision = _vision_source(cfg, files, vision_tower)
 
+    _check_layer_counts(cfg, files, vision)
     # The expected names and shapes come from a model on the meta device: a config that asks
     # for absurd sizes is then a shape mismatch with the files, not a failed allocation.
     skeleton = _build(cfg, vision.config, torch.device("meta"))
@@ -369,6 +371,38 @@ def load_checkpoint(
     model.load_state_dict(state, strict=True, assign=True)
     model.to(dtype).eval()
     return LoadedCheckpoint(cfg, model, vision.description, [f.path for f in files + vision.files])
+
+
+_DECODER_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_VISION_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
+
+
+def _layers_found(keys: list[str], pattern: re.Pattern) -> set[int]:
+    return {int(m.group(1)) for key in keys if (m := pattern.match(key))}
+
+
+def _check_layer_counts(cfg: MobileVLMConfig, files: list[WeightFile], vision: VisionSource) -> None:
+    """The layer counts of config.json (decoder and vision tower) against the layers the weight
+    files' headers name, before anything is built: even on the meta device, the skeleton model is
+    built layer by layer, so a small config asking for a million layers took minutes and gigabytes.
+    The widths cost nothing there: the full name-and-shape check names any mismatch of theirs."""
+    decoder = _layers_found([k for f in files for k in f.shapes], _DECODER_LAYER)
+    if vision.from_clip_dir:
+        vision_keys = [k.removeprefix(vision.clip_prefix) for f in vision.files for k in f.shapes]
+    else:
+        vision_keys = [
+            k[len(EMBEDDED_VISION_PREFIX) :] for f in files for k in f.shapes if k.startswith(EMBEDDED_VISION_PREFIX)
+        ]
+    where = f"{vision.description}/config.json" if vision.from_clip_dir else str(cfg.path)
+    for part, claimed, found, source in (
+        ("decoder", cfg.num_layers, decoder, str(cfg.path)),
+        ("vision tower", int(vision.config["num_hidden_layers"]), _layers_found(vision_keys, _VISION_LAYER), where),
+    ):
+        if found != set(range(claimed)):
+            held = f"{len(found)} ({min(found)}..{max(found)})" if found else "none"
+            raise CheckpointError(
+                f"{source}: the {part}'s num_hidden_layers is {claimed}, but the weights hold {part} layers: {held}"
+            )
 
 
 def _build(cfg: MobileVLMConfig, vision_config: dict, device: torch.device | None = None) -> MobileVLMReference:

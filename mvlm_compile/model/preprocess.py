@@ -4,6 +4,13 @@
 image processor: resize the shortest side to 336 (bicubic), centre crop 336x336,
 rescale by 1/255, normalise with CLIP's mean/std. Output float32 [1, 3, 336, 336].
 
+Sample depth: Pillow's convert("RGB") clips samples above 255, which turned a 16-bit image
+white. Unsigned 16-bit samples (modes I;16*: 16-bit greyscale PNG, TIFF; 16-bit PGM, which
+Pillow decodes as mode I scaled to 0..65535) are scaled to 8 bits by that range, v * 255 / 65535
+rounded; 16-bit colour PNG/PPM/TIFF come out of Pillow as 8-bit RGB already. 32-bit integer or
+float samples (modes I and F: TIFF, in-memory images) have no fixed intensity range to scale by
+and are refused.
+
 Size limit: the 'pad' step allocates the longest side squared, so an image is refused when
 that padded square exceeds MAX_IMAGE_PIXELS (50 megapixels: any side longer than 7071
 pixels), judged from the file's header before anything is decoded. A small file that
@@ -76,13 +83,34 @@ def check_image_size(width: int, height: int, what: str = "image") -> None:
     )
 
 
+UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit samples, 0..65535
+UINT16_MAX = 65535
+# Formats Pillow decodes 16-bit greyscale from as mode "I", samples scaled to 0..65535.
+_UINT16_AS_I_FORMATS = ("PNG", "PPM")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit samples scaled by their range (not clipped), 32-bit ones refused."""
+    if image.mode in UINT16_MODES:
+        samples = np.asarray(image, dtype=np.float64)
+        eight_bit = np.rint(samples * (255 / UINT16_MAX)).astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")  # 2-D uint8: mode L
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "32-bit float"
+        raise MvlmError(
+            f"image mode {image.mode!r} ({kind} samples) has no fixed intensity range to map to 8 bits; "
+            "save the image with 8 or 16 bits per sample"
+        )
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as e:  # modes Pillow cannot turn into RGB
+        raise MvlmError(f"image mode {image.mode!r} cannot be converted to RGB ({e})") from None
+
+
 def preprocess_image(image: Image.Image, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """PIL image -> pixel_values float32 [1, 3, image_size, image_size]."""
     check_image_size(*image.size)
-    try:
-        rgb = image.convert("RGB")
-    except (ValueError, OSError) as e:  # modes Pillow cannot turn into RGB
-        raise MvlmError(f"image mode {image.mode!r} cannot be converted to RGB ({e})") from None
+    rgb = to_rgb(image)
     fill = tuple(int(m * 255) for m in CLIP_MEAN)
     square = expand_to_square(rgb, fill)  # type: ignore[arg-type]
     resized = _resize_shortest_edge(square, image_size)
@@ -115,13 +143,14 @@ def read_image_file(path: Path) -> bytes:
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode an image file, once its header shows that pre-processing stays within MAX_IMAGE_PIXELS."""
+    """Decode an image file as 8-bit RGB (to_rgb), once its header shows that pre-processing stays
+    within MAX_IMAGE_PIXELS."""
     return decode_image(read_image_file(path), str(path))
 
 
 def decode_image(data: bytes, what: str = "image") -> Image.Image:
-    """Decode an encoded image (PNG, JPEG, ...) held in memory, once its header shows that
-    pre-processing stays within MAX_IMAGE_PIXELS."""
+    """Decode an encoded image (PNG, JPEG, ...) held in memory as 8-bit RGB (to_rgb), once its header
+    shows that pre-processing stays within MAX_IMAGE_PIXELS. `what` names it in errors."""
     if not data:
         raise MvlmError(f"{what}: empty (0 bytes), not an image")
     try:
@@ -131,9 +160,12 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 check_image_size(*image.size, what=what)
                 image.load()
-                return image.copy()
-    except MvlmError:
-        raise
+                if image.mode == "I" and image.format in _UINT16_AS_I_FORMATS:  # 16-bit PGM: samples 0..65535
+                    return to_rgb(Image.fromarray(np.asarray(image).astype(np.uint16)))
+                return to_rgb(image)
+    except MvlmError as e:
+        message = e.format_message()
+        raise MvlmError(message if message.startswith(what) else f"{what}: {message}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MvlmError(f"{what}: refused as a decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:

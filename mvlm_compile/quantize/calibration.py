@@ -133,7 +133,10 @@ def _image_samples(spec: CalibrationSpec) -> list[tuple[str, Image.Image, str, s
         )
         if not files:
             raise MvlmError(f"--calib-images {spec.images}: no image files (.png, .jpg, .jpeg, .bmp, .webp)")
-        images = [(p.name, load_image(p)) for p in files]
+        # Sample i takes image i modulo their number: only the first `count` files are ever used,
+        # and only they are decoded (a folder of thousands is not read into memory).
+        count = min(spec.max_samples, max(len(files), len(spec.texts)))
+        images = [(p.name, load_image(p)) for p in files[:count]]
     else:
         images = calibration_images()
     count = min(spec.max_samples, max(len(images), len(spec.texts)))

@@ -23,6 +23,7 @@ suite tests it for real on the CPU.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +35,11 @@ from mvlm_compile.errors import ArtifactError, InternalError
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest
 
 ADDRESS_ALIGNMENT = 256  # TensorRT's minimum alignment of an I/O address; ONNX Runtime runs the same plan
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory (a Jetson's CPU and GPU share it)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def align(nbytes: int, alignment: int = ADDRESS_ALIGNMENT) -> int:
@@ -110,7 +116,7 @@ class DecoderPlan:
                 f"{MANIFEST_NAME}: the decoder's inputs {names[:4]}... are not this version's contract "
                 f"{contract.decoder_input_names(layers)[:4]}... (an export before the in-place KV cache): re-export"
             )
-        return cls(
+        plan = cls(
             layers=layers,
             batch=batch,
             kv_heads=int(model["num_kv_heads"]),
@@ -123,6 +129,17 @@ class DecoderPlan:
             kv_dtype=np.dtype(manifest.input_dtype("decoder", contract.past_names(0)[0])),
             logits_dtype=_output_dtype(manifest, "decoder", contract.DECODER_LOGITS),
         )
+        # The block is allocated whole, up front: a context a manifest or engine record from
+        # elsewhere claims (a config's max_position_embeddings of 10^12 asked for 589 TiB) is
+        # refused here rather than failing as an allocation. The build's memory plan
+        # (engine/plan.py) sizes engines to the target; this bounds what any record can ask.
+        memory = host_memory_bytes()
+        if plan.total_bytes > memory:
+            raise ArtifactError(
+                f"the decoder's KV cache, preallocated at a context of {plan.context} tokens ({limits.source}), "
+                f"needs {plan.total_bytes / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB of memory"
+            )
+        return plan
 
     @property
     def row_bytes(self) -> int:

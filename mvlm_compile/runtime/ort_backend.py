@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,31 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 # about 2.5x the decode speed (measured at 1.7B). run and bench use int8; verify keeps float.
 INT4_ACTIVATIONS = {"fp32": "0", "int8": "4"}
 
+# ONNX Runtime starts every thread it is asked for, up front: --threads 100000 made 13,000
+# threads and 16.5 GB before the first run, and a process that ignored SIGTERM for minutes.
+# More threads than a few per core only slows it down, so more than this is a usage error.
+THREADS_PER_CORE = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> int:
+    """`threads` for ONNX Runtime: 0 (its default, one per core) up to THREADS_PER_CORE x usable_cores()."""
+    cores = usable_cores()
+    limit = THREADS_PER_CORE * cores
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= limit:
+        raise MvlmError(
+            f"--threads {threads}: expected 0 (ONNX Runtime's default) to {limit} "
+            f"({THREADS_PER_CORE}x the {cores} cores this process may use)"
+        )
+    return threads
+
 
 def ort_session(path: Path, threads: int = 0, extra_outputs: Sequence[str] = (), int4_activations: str = "fp32"):
     """A CPU session on `threads` threads (0: ONNX Runtime's default). INT4 MatMulNBits runs with
@@ -38,7 +64,7 @@ def ort_session(path: Path, threads: int = 0, extra_outputs: Sequence[str] = (),
     from mvlm_compile.peg_op import ort_model_source
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = check_threads(threads)
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", INT4_ACTIVATIONS[int4_activations])
     source = ort_model_source(path, options)
     if extra_outputs:
@@ -102,8 +128,7 @@ class OrtBackend:
     ) -> None:
         if int4_activations not in INT4_ACTIVATIONS:
             raise MvlmError(f"--int4-activations {int4_activations!r}: expected one of {', '.join(INT4_ACTIVATIONS)}")
-        if threads < 0:
-            raise MvlmError(f"--threads {threads}: expected 0 (ONNX Runtime's default) or more")
+        check_threads(threads)
         self.artifacts = Path(artifacts)
         self.threads, self.int4_activations = threads, int4_activations
         # A reader: no stage may rewrite the graphs under a running session.

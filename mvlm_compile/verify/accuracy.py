@@ -24,7 +24,7 @@ from mvlm_compile.runtime.ort_backend import OrtBackend
 from mvlm_compile.runtime.pipeline import Pipeline, prefill_feed
 from mvlm_compile.table import render_table
 from mvlm_compile.verify.components import GRAPH_OF_COMPONENT, check_components
-from mvlm_compile.verify.golden_io import load_component, load_generation
+from mvlm_compile.verify.golden_io import check_generation_fits, load_component, load_generation
 from mvlm_compile.verify.metrics import compare, greedy_agreement
 
 GREEDY_TOKENS = 32
@@ -91,6 +91,7 @@ def evaluate_artifacts(artifacts: Path, golden: Path, reference: Path | None = N
     """The accuracy record of an artifacts directory (any precision) against a golden directory;
     `reference`: an artifacts directory with the unquantized decoder, for teacher-forced KL."""
     with OrtBackend(Path(artifacts)) as backend:
+        check_generation_fits(golden, load_generation(golden), backend.manifest.model, backend.limits)
         progress("evaluating vision, projector and the decoder's prefill and decode step")
         result: dict = {"components": _component_metrics(backend, golden), "decoder": {}}
         pipeline = Pipeline(backend)

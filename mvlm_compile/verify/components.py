@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvlm_compile.verify.golden_io import load_component
+from mvlm_compile.verify.golden_io import check_golden_fits_graph, check_golden_outputs, load_component
 from mvlm_compile.verify.metrics import compare
 
 # Tolerances on max |error| / max |golden| and on cosine, per graph precision. FP32 is the
@@ -53,7 +53,9 @@ def check_components(
         graph = GRAPH_OF_COMPONENT[component]
         tolerance = tolerances[backend.manifest.graphs[graph]["dtype"]]
         feed, expected = load_component(golden_dir, component)
+        check_golden_fits_graph(golden_dir, component, feed, graph, backend.manifest.graphs[graph])
         got = backend.run(graph, feed)
+        check_golden_outputs(golden_dir, component, expected, got, graph)
         for name, value in expected.items():
             checks.append(OutputCheck(component, name, compare(got[name], value), tolerance))
     return checks

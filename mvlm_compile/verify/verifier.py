@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mvlm_compile import contract
 from mvlm_compile.verify.components import GRAPH_OF_COMPONENT, TOLERANCES, OutputCheck, check_components
-from mvlm_compile.verify.golden_io import load_component, load_generation
+from mvlm_compile.verify.golden_io import check_generation_fits, load_component, load_generation
 from mvlm_compile.verify.metrics import greedy_agreement
 from mvlm_compile.verify.task_eval import TaskEval, evaluate_task, has_task
 
@@ -124,6 +124,7 @@ def greedy_check(backend, golden_dir: Path, precisions: set[str], tolerances: di
 
     pipeline = Pipeline(backend)
     generation = load_generation(golden_dir)
+    check_generation_fits(golden_dir, generation, backend.manifest.model, backend.limits)
     feed, _ = load_component(golden_dir, "vision")
     embeds = pipeline.splice(generation["input_ids"], pipeline.image_embeds(feed[contract.VISION_INPUT]))
     golden = generation["generated_ids"]
@@ -173,6 +174,8 @@ def verify(
     """Run every check; with an ORT backend and a reference artifacts dir, locate divergences.
     With a golden task file, also the task gate on its first `task_items` items (None: all; 0: none)."""
     tolerances = {**TOLERANCES, **(tolerances or {})}
+    # Before any graph runs: golden tokens this backend cannot take are a usage error.
+    check_generation_fits(golden_dir, load_generation(golden_dir), backend.manifest.model, backend.limits)
     checks = check_components(backend, golden_dir, tolerances=tolerances)
     precisions = {g["dtype"] for g in backend.manifest.graphs.values()}
     greedy = greedy_check(backend, golden_dir, precisions, tolerances)
