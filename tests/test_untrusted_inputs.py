@@ -120,7 +120,7 @@ def test_a_library_message_over_several_lines_is_shown_on_one(tiny_artifacts, mo
     def broken(*args, **kwargs):
         raise RuntimeError("first line\n  second line\n\nthird")
 
-    monkeypatch.setattr(pipeline.Chat, "generate", broken)
+    monkeypatch.setattr(pipeline.Chat, "answer", broken)
     result = _cli("run", tiny_artifacts, "--image", GOLDEN_TINY / "image.png", "--prompt", "What?")
     line = _assert_error_is_the_last_and_only_error_line(result)
     assert "RuntimeError: first line second line third (at" in line
