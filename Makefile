@@ -2,11 +2,16 @@
 # Installs into .venv with constraints/ci.txt (torch 2.13.0 = the CPU wheel; an unpinned
 # torch would pull a multi-GB CUDA build). Users installing the package are not pinned.
 # The [rtx] extra is TensorRT for RTX: the suite builds real engines with it, no GPU needed.
+# The [triton] extra and nvidia-pytriton's CPU tritonserver (installed without its dependencies: its
+# metadata pins numpy<2; only its binaries are used) serve a model repository in the suite; the models
+# run in $(TRITON_PYTHON), a second venv with numpy<2 (constraints/triton-python.txt), which that
+# server's Python backend needs.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mvlm-compile-installed
+TRITON_PYTHON := $(VENV)/triton-python
 DEMO_DIR ?= build/demo
 DEMO_TARGET ?= orin-agx-64gb
 BENCH_DIR ?= build/bench
@@ -17,9 +22,14 @@ GOLDEN_SHAPES ?= golden/tiny-shapes
 
 .PHONY: demo test lint-fix bench task-bench tiny-model plugin golden tiny-bundle clean
 
-$(STAMP): pyproject.toml constraints/ci.txt
+$(STAMP): pyproject.toml constraints/ci.txt constraints/triton-python.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx,triton]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints/ci.txt nvidia-pytriton
+	test -x $(TRITON_PYTHON)/bin/python || $(PYTHON) -m venv $(TRITON_PYTHON)
+	grep -v -e '^numpy==' -e '^ml_dtypes==' constraints/ci.txt > $(TRITON_PYTHON)/constraints.txt
+	$(TRITON_PYTHON)/bin/python -m pip install --quiet --disable-pip-version-check -c $(TRITON_PYTHON)/constraints.txt \
+	  -c constraints/triton-python.txt -e . onnxruntime-extensions
 	touch $@
 
 # The main job on the embedded model that answers (models/tiny-shapes): build for an Orin (here
