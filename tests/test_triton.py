@@ -312,3 +312,23 @@ def test_the_models_python_must_have_numpy_1(tmp_path):
         check_model_python(Path(sys.executable))  # the suite's own venv has numpy 2
     with pytest.raises(MvlmError, match="cannot run it"):
         check_model_python(tmp_path / "no-python")
+
+
+def test_the_session_takes_its_image_embeddings_from_the_embedder(shapes_int4, reference):
+    """The hook the trt entry model passes its BLS call through: the embedder runs, the backend's vision never."""
+    from mvlm_compile import Session
+
+    text, _ = reference
+    with Session(shapes_int4, int4_activations="fp32") as encoder:
+        calls = []
+
+        def embedder(pixel_values: np.ndarray) -> np.ndarray:
+            calls.append(pixel_values.shape)
+            return encoder._chat.pipeline.image_embeds(pixel_values)  # what Triton's tensorrt models compute
+
+        with Session(shapes_int4, int4_activations="fp32", image_embedder=embedder) as session:
+            graphs = []
+            run = session.backend.run
+            session.backend.run = lambda graph, feed: graphs.append(graph) or run(graph, feed)  # type: ignore[method-assign]
+            assert session.generate(IMAGE, QUESTION, max_tokens=64).text == text
+    assert calls == [(1, 3, 336, 336)] and "vision" not in graphs and "projector" not in graphs
