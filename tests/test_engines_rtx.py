@@ -382,7 +382,8 @@ def test_a_triton_repository_of_the_engines_matches_what_tensorrt_parses(built, 
 
     bundle, engines_dir, _, record = built
     out = tmp_path / "repo"
-    result = CliRunner().invoke(cli, ["triton", str(bundle), "--out", str(out), "--backend", "trt", "--json"])
+    command = ["triton", str(bundle), "--out", str(out), "--backend", "trt", "--engines", str(engines_dir), "--json"]
+    result = CliRunner().invoke(cli, command)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["models"] == ["mobilevlm", "mobilevlm_vision", "mobilevlm_projector"]

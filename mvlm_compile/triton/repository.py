@@ -34,7 +34,7 @@ from mvlm_compile import contract
 from mvlm_compile.bundle import default_engines_dir, resolve_artifacts
 from mvlm_compile.engines_record import ENGINES_MANIFEST, PEG_PLUGIN, engine_path, require_engines_record
 from mvlm_compile.errors import ArtifactError, MvlmError
-from mvlm_compile.fileio import atomic_output_dir, write_bytes, write_json
+from mvlm_compile.fileio import atomic_output_dir, sha256_file, write_bytes, write_json
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
 from mvlm_compile.peg_op import PLUGIN_LIBRARY, PluginLibraryError, find_plugin_library
 from mvlm_compile.runtime.backend import BACKENDS
@@ -268,6 +268,10 @@ def _engine_models(
         raise ArtifactError(
             f"{engines_dir / ENGINES_MANIFEST}: the projector engine holds the PEG plugin: {e}"
         ) from None
+    if sha256_file(library) != record["plugin"].get("sha256"):
+        raise ArtifactError(
+            f"{engines_dir / ENGINES_MANIFEST}: the projector was built with another PEG plugin than {library}"
+        )
     (repository / PLUGINS_DIR).mkdir()
     _link(library, repository / PLUGINS_DIR / PLUGIN_LIBRARY)
     return f"{PLUGINS_DIR}/{PLUGIN_LIBRARY}"
