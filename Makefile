@@ -2,11 +2,16 @@
 # Installs into .venv with constraints/ci.txt (torch 2.13.0 = the CPU wheel; an unpinned
 # torch would pull a multi-GB CUDA build). Users installing the package are not pinned.
 # The [rtx] extra is TensorRT for RTX: the suite builds real engines with it, no GPU needed.
+# The [triton] extra and nvidia-pytriton's CPU tritonserver (installed without its dependencies: its
+# metadata pins numpy<2; only its binaries are used) serve a model repository in the suite; the models
+# run in $(TRITON_PYTHON), a second venv with numpy<2 (constraints/triton-python.txt), which that
+# server's Python backend needs.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mvlm-compile-installed
+TRITON_PYTHON := $(VENV)/triton-python
 DEMO_DIR ?= build/demo
 DEMO_TARGET ?= orin-agx-64gb
 BENCH_DIR ?= build/bench
@@ -17,9 +22,14 @@ GOLDEN_SHAPES ?= golden/tiny-shapes
 
 .PHONY: demo test lint-fix bench task-bench tiny-model plugin golden tiny-bundle clean
 
-$(STAMP): pyproject.toml constraints/ci.txt
+$(STAMP): pyproject.toml constraints/ci.txt constraints/triton-python.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx,triton]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints/ci.txt nvidia-pytriton
+	test -x $(TRITON_PYTHON)/bin/python || $(PYTHON) -m venv $(TRITON_PYTHON)
+	grep -v -e '^numpy==' -e '^ml_dtypes==' constraints/ci.txt > $(TRITON_PYTHON)/constraints.txt
+	$(TRITON_PYTHON)/bin/python -m pip install --quiet --disable-pip-version-check -c $(TRITON_PYTHON)/constraints.txt \
+	  -c constraints/triton-python.txt -e . onnxruntime-extensions
 	touch $@
 
 # The main job on the embedded model that answers (models/tiny-shapes): build for an Orin (here
@@ -60,7 +70,7 @@ lint-fix: $(STAMP)
 
 # Full-size synthetic 1.7B: the main job (build + verify) end to end, export time/memory, quantization accuracy/time/memory, and
 # ONNX Runtime (INT4) vs PyTorch eager speed, the lm_head precision study, the INT4 kernel per block size, and (with the [bench] extra
-# installed) ours against llama.cpp Q4_0. Long (tens of minutes) and ~20 GB of disk.
+# installed) ours against llama.cpp Q4_0, and the shapes model served by Triton (perf_analyzer). Long (tens of minutes) and ~20 GB of disk.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/build_bench.py --preset mobilevlm-v2-1.7b --target orin-agx-64gb --workdir $(BENCH_DIR)
 	$(BIN)/python benchmarks/export_bench.py --preset mobilevlm-v2-1.7b --dtype fp32 --workdir $(BENCH_DIR)
@@ -75,6 +85,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/int4_kernel_bench.py --report $(BENCH_DIR)/int4_kernel_bench-1.7b.json
 	$(BIN)/python benchmarks/peg_kernel_bench.py || echo "peg_kernel_bench: needs a CUDA GPU"
 	$(BIN)/python benchmarks/task_bench.py --workdir $(BENCH_DIR)/task
+	$(BIN)/python benchmarks/triton_bench.py --workdir $(BENCH_DIR)/triton --report $(BENCH_DIR)/triton_bench-tiny-shapes.json
 
 # Regenerate the committed golden sets (after a deliberate change to a model or to the reference):
 # the random tiny model's (the exporter's own tests) and the shapes model's.

@@ -849,6 +849,93 @@ def bench(
         )
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository directory to write.")
+@_backend_options
+@_int4_activations_option
+@click.option(
+    "--instances",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Instances of the entry model (instance_group count); each loads the bundle, answers one request at a time.",
+)
+@click.option("--model-name", default="mobilevlm", show_default=True, help="The entry model's name in the repository.")
+@click.option(
+    "--max-tokens", type=int, default=128, show_default=True, help="Answer length when a request sets no max_tokens."
+)
+@click.option("--serve", is_flag=True, help="Then run it on this machine's CPU tritonserver (the [triton] extra).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="With --serve.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="With --serve.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True, help="With --serve.")
+@click.option(
+    "--python",
+    "model_python",
+    type=click.Path(path_type=Path),
+    default=Path(".venv/triton-python/bin/python"),
+    show_default=True,
+    help="With --serve: the Python the models run in (mvlm-compile installed, numpy < 2; `make` makes it).",
+)
+@_json_option
+def triton(
+    bundle: Path,
+    out: Path,
+    backend: str,
+    engines: Path | None,
+    threads: int,
+    plugin: Path | None,
+    int4_activations: str,
+    instances: int,
+    model_name: str,
+    max_tokens: int,
+    serve: bool,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    model_python: Path,
+    as_json: bool,
+) -> None:
+    """Write a Triton Inference Server model repository that serves BUNDLE (streamed answers)."""
+    from mvlm_compile.triton.repository import make_repository
+
+    if serve and backend == "trt":
+        raise MvlmError("--serve: the local tritonserver is CPU-only; serve a trt repository with NVIDIA's Triton")
+    repository = make_repository(
+        bundle,
+        out,
+        backend,
+        engines,
+        instances,
+        model_name,
+        max_tokens,
+        threads,
+        int4_activations,
+        _progress("triton"),
+        plugin,
+    )
+    if as_json:
+        _echo_json(repository.to_json())
+    else:
+        click.echo(f"model repository: {out} (models: {', '.join(repository.models)})")
+        click.echo(f"serve it with Triton (its Python must have mvlm-compile):\n  {repository.server_command()}")
+    if serve:
+        import tempfile
+
+        from mvlm_compile.triton.server import Ports, local_server
+
+        with tempfile.TemporaryDirectory(prefix="mvlm-triton-") as workdir:
+            click.echo(f"[triton] starting tritonserver (log: {workdir}/tritonserver.log)", err=True)
+            with local_server(out, Path(workdir), model_python, Ports(http_port, grpc_port, metrics_port)) as process:
+                click.echo(
+                    f"[triton] {model_name} ready: HTTP {http_port}, gRPC {grpc_port}, metrics {metrics_port} "
+                    "(Ctrl-C stops)",
+                    err=True,
+                )
+                process.wait()
+            raise MvlmError(f"tritonserver exited with status {process.returncode}")
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary outputs removed, exit 130
 

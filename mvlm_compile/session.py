@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,12 +81,16 @@ class Session:
         image_cache_size: int = 32,
         model_id: str | None = None,
         plugin: str | Path | None = None,
+        image_embedder: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         """`bundle`: a bundle or an artifacts directory. `engines`: the TensorRT engines directory
         (default: the bundle's engines-<target>/). `threads`, `int4_activations`: ONNX Runtime's
         (see `mvlm-compile run --help`). `model_id`: the name clients use (default: the recipe's).
         `plugin`: the PEG plugin library for TensorRT (default: $MVLM_PEG_PLUGIN or this
-        installation's build; never one found in the bundle)."""
+        installation's build; never one found in the bundle).
+        `image_embedder`: pixel values [1, 3, 336, 336] -> image embeddings [1, image tokens, hidden],
+        run instead of the backend's vision encoder and projector (Triton's entry model calls its
+        `tensorrt` models there, so its own engines directory holds the decoder only)."""
         from mvlm_compile.bundle import default_engines_dir, resolve_artifacts
         from mvlm_compile.runtime.backend import open_backend
 
@@ -116,6 +120,7 @@ class Session:
         self._embeds: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_capacity = image_cache_size
         self._hits = self._misses = 0
+        self._embed_image = image_embedder or self._chat.pipeline.image_embeds
 
     @property
     def limits(self) -> TokenLimits:
@@ -190,7 +195,7 @@ class Session:
             self._embeds.move_to_end(key)
             return embeds
         self._misses += 1
-        embeds = self._chat.pipeline.image_embeds(pixel_values)
+        embeds = self._embed_image(pixel_values)
         if self._cache_capacity:
             self._embeds[key] = embeds
             if len(self._embeds) > self._cache_capacity:

@@ -374,3 +374,56 @@ def test_no_garbage_collection_runs_while_tensorrt_works():
             Node()
         assert during() is not None and not gc.isenabled()
     assert gc.isenabled()
+
+
+def test_a_triton_repository_of_the_engines_matches_what_tensorrt_parses(built, tmp_path):
+    """`mvlm-compile triton --backend trt`: the vision and projector engines become `tensorrt` models whose
+    config (parsed with Triton's own ModelConfig proto) names each engine's I/O with the type and dims that
+    TensorRT-RTX's parser gives the graph the engine was built from. Not served here: that needs a GPU Triton."""
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="the [triton] extra")
+    from google.protobuf import text_format
+
+    bundle, engines_dir, _, record = built
+    out = tmp_path / "repo"
+    command = ["triton", str(bundle), "--out", str(out), "--backend", "trt", "--engines", str(engines_dir), "--json"]
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["models"] == ["mobilevlm", "mobilevlm_vision", "mobilevlm_projector"]
+    assert summary["plugin"] is None  # PEG built natively here: no plugin library for the server to load
+    types = {"HALF": "TYPE_FP16", "FLOAT": "TYPE_FP32"}
+    for graph in ("vision", "projector"):
+        text = (out / f"mobilevlm_{graph}" / "config.pbtxt").read_text()
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert (config.backend, config.max_batch_size, config.default_model_filename) == ("tensorrt", 0, "model.plan")
+        plan = out / f"mobilevlm_{graph}" / "1" / "model.plan"
+        assert sha256_file(plan) == record["engines"][graph]["sha256"]
+        _, network, _ = parse_onnx(rtx, BuildLog(rtx), engines_dir / record["engines"][graph]["onnx"])
+        (profile,) = record["engines"][graph]["profiles"]
+        for tensors, parsed in (
+            (config.input, [network.get_input(i) for i in range(network.num_inputs)]),
+            (config.output, [network.get_output(i) for i in range(network.num_outputs)]),
+        ):
+            assert [t.name for t in tensors] == [p.name for p in parsed]
+            assert [model_config_pb2.DataType.Name(t.data_type) for t in tensors] == [
+                types[p.dtype.name] for p in parsed
+            ]
+            for tensor, tensor_parsed in zip(tensors, parsed):
+                dims, fixed = list(tensor.dims), list(tensor_parsed.shape)
+                assert len(dims) == len(fixed)
+                assert all(d == f for d, f in zip(dims, fixed) if f != -1), (graph, tensor.name, dims, fixed)
+                assert all(d in (-1, 1) for d, f in zip(dims, fixed) if f == -1)  # the batch: the profile's
+        low, _, high = profile[config.input[0].name]
+        assert list(config.input[0].dims) == [a if a == b else -1 for a, b in zip(low, high)]
+    entry = text_format.Parse((out / "mobilevlm" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert {k: v.string_value for k, v in entry.parameters.items()}.items() >= {
+        "backend": "trt",
+        "vision_model": "mobilevlm_vision",
+        "projector_model": "mobilevlm_projector",
+    }.items()
+    assert entry.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    # The entry model's engines: the decoder alone, a record the runtime's own check accepts.
+    own = out / "mobilevlm" / "1" / "bundle" / "engines"
+    assert list(json.loads((own / ENGINES_MANIFEST).read_text())["engines"]) == ["decoder"]
+    version = record["builder"]["version"]
+    assert check_engines_record(own, "tensorrt-rtx", version, "RTX 3090", 86, None)["target"] == TARGET

@@ -58,6 +58,7 @@ def _arguments(rng: random.Random, artifacts: Path, golden: Path, paths: list[Pa
         "build": [str(artifacts), "--target", rng.choice(["orin-nx-16gb", "no-such-target", ""])],
         "export": ["--checkpoint", _value(rng, paths), "--out", _value(rng, paths)],
         "golden": ["--checkpoint", _value(rng, paths), "--out", _value(rng, paths)],
+        "triton": [str(artifacts), "--out", rng.choice([str(artifacts.parent / "repo"), _value(rng, paths)])],
     }
     name = rng.choice(sorted(commands))
     args = commands[name]
@@ -67,6 +68,7 @@ def _arguments(rng: random.Random, artifacts: Path, golden: Path, paths: list[Pa
         "quantize": ["--group-size", "--keep", "--golden"],
         "build": ["--context", "--batch", "--recipe"],
         "verify": ["--report", "--recipe", "--reference"],
+        "triton": ["--backend", "--engines", "--instances", "--model-name", "--max-tokens", "--threads"],
     }.get(name, [])
     for option in rng.sample(options, k=rng.randrange(len(options) + 1)):
         args += [option, _value(rng, paths)]

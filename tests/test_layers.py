@@ -36,6 +36,7 @@ LAYERS = [
     ("stages", ["export", "surgery", "quantize", "engine", "verify"]),
     ("bundle", ["bundle"]),
     ("api", ["session"]),
+    ("serving", ["triton"]),
     ("cli", ["cli"]),
 ]
 SIBLINGS = {"stages"}
