@@ -83,9 +83,9 @@ def check_engines_record(
     graphs: dict[str, str],
 ) -> dict:
     """engines.json must describe engines built from `graphs` (name -> SHA-256 in the artifacts'
-    manifest), by this builder flavour and version, for this GPU's compute capability, with the
-    plugin library at `plugin_path` (when the projector holds the plugin; checked before anything
-    loads it), and every engine file must have its recorded hash."""
+    manifest: the graphs to be run), by this builder flavour and version, for this GPU's compute
+    capability, with the plugin library at `plugin_path` (when the projector, among `graphs`, holds
+    the plugin; checked before anything loads it), and every engine file must have its recorded hash."""
     path = Path(engines_dir) / ENGINES_MANIFEST
     record = require_engines_record(engines_dir)
     check_source_graphs(engines_dir, record, graphs)
@@ -100,7 +100,8 @@ def check_engines_record(
             f"{path}: engines built for compute capability {builder['compute_capability']} "
             f"({record['target']}), this is {here}: rebuild"
         )
-    check_plugin_library(engines_dir, record, plugin_path)
+    if "projector" in graphs:
+        check_plugin_library(engines_dir, record, plugin_path)
     stale = stale_engines(engines_dir, record)
     if stale:
         raise ArtifactError(f"{stale[0]}: missing or its content differs from {ENGINES_MANIFEST} (corrupt or replaced)")

@@ -89,8 +89,8 @@ class Session:
         `plugin`: the PEG plugin library for TensorRT (default: $MVLM_PEG_PLUGIN or this
         installation's build; never one found in the bundle).
         `image_embedder`: pixel values [1, 3, 336, 336] -> image embeddings [1, image tokens, hidden],
-        run instead of the backend's vision encoder and projector (Triton's entry model calls its
-        `tensorrt` models there, so its own engines directory holds the decoder only)."""
+        run instead of the backend's vision encoder and projector, whose engines are then not loaded
+        (Triton's entry model calls its `tensorrt` models there)."""
         from mvlm_compile.bundle import default_engines_dir, resolve_artifacts
         from mvlm_compile.runtime.backend import open_backend
 
@@ -108,6 +108,7 @@ class Session:
                 threads,
                 int4_activations,
                 None if plugin is None else Path(plugin),
+                graphs=None if image_embedder is None else ("decoder",),
             )
         )
         try:

@@ -422,8 +422,15 @@ def test_a_triton_repository_of_the_engines_matches_what_tensorrt_parses(built, 
         "projector_model": "mobilevlm_projector",
     }.items()
     assert entry.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-    # The entry model's engines: the decoder alone, a record the runtime's own check accepts.
+    # The entry model's engines: the bundle's, linked; for the decoder alone (what its runtime loads) the
+    # runtime's own check accepts them without a plugin library, and for the projector it asks for one.
     own = out / "mobilevlm" / "1" / "bundle" / "engines"
-    assert list(json.loads((own / ENGINES_MANIFEST).read_text())["engines"]) == ["decoder"]
+    record = json.loads((engines_dir / ENGINES_MANIFEST).read_text())  # as now on disk (tests above rebuild)
+    assert json.loads((own / ENGINES_MANIFEST).read_text()) == record
     version = record["builder"]["version"]
-    assert check_engines_record(own, "tensorrt-rtx", version, "RTX 3090", 86, None)["target"] == TARGET
+    decoder = {"decoder": record["engines"]["decoder"]["graph_sha256"]}
+    assert check_engines_record(own, "tensorrt-rtx", version, "RTX 3090", 86, None, graphs=decoder)["target"] == TARGET
+    if record["plugin"]["mode"] == "plugin":
+        projector = {"projector": record["engines"]["projector"]["graph_sha256"]}
+        with pytest.raises(ArtifactError, match="holds the PEG plugin"):
+            check_engines_record(own, "tensorrt-rtx", version, "RTX 3090", 86, None, graphs=projector)

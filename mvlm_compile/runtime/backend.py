@@ -8,7 +8,7 @@ lazily or on entry and releases them on exit, so nothing is left activated.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -45,10 +45,12 @@ def open_backend(
     threads: int = 0,
     int4_activations: str = "fp32",
     plugin: Path | None = None,
+    graphs: Sequence[str] | None = None,
 ) -> Iterator[Backend]:
     """A backend over an artifacts directory (and, for "trt", its engines directory); closed on exit.
     `threads` and `int4_activations` (see ort_backend.INT4_ACTIVATIONS) are ONNX Runtime's; `plugin`
-    (the PEG plugin library the user chose) is TensorRT's."""
+    (the PEG plugin library the user chose) and `graphs` (the engines to load, default all) are
+    TensorRT's (ONNX Runtime opens a graph's session when it first runs)."""
     if name == "ort":
         if plugin is not None:
             raise MvlmError(f"--plugin {plugin}: applies to --backend trt only")
@@ -60,7 +62,7 @@ def open_backend(
 
         if engines_dir is None:
             raise MvlmError("--engines: the TensorRT backend needs an engines directory")
-        backend = TrtBackend(Path(artifacts), Path(engines_dir), plugin=plugin)
+        backend = TrtBackend(Path(artifacts), Path(engines_dir), plugin=plugin, graphs=graphs)
     else:
         raise MvlmError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
     try:

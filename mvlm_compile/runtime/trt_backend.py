@@ -15,6 +15,7 @@ Device memory and the stream are Polygraphy's `polygraphy.cuda` (a core dependen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from mvlm_compile.engines_record import (
     require_engines_record,
 )
 from mvlm_compile.errors import InternalError, MvlmError
-from mvlm_compile.manifest import Manifest, load_manifest
+from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
 from mvlm_compile.peg_op import chosen_plugin_library
 from mvlm_compile.runtime.kv_cache import (
     ADDRESS_ALIGNMENT,
@@ -160,11 +161,18 @@ class TrtBackend:
     name = "trt"
 
     def __init__(
-        self, artifacts: Path, engines_dir: Path, manifest: Manifest | None = None, plugin: Path | None = None
+        self,
+        artifacts: Path,
+        engines_dir: Path,
+        manifest: Manifest | None = None,
+        plugin: Path | None = None,
+        graphs: Sequence[str] | None = None,
     ) -> None:
         """`plugin`: the PEG plugin library the user chose (--plugin), else $MVLM_PEG_PLUGIN or this
         installation's build (peg_op.chosen_plugin_library); never one found in the bundle or the
-        engines directory. It is loaded only once engines.json is checked, its SHA-256 included."""
+        engines directory. It is loaded only once engines.json is checked, its SHA-256 included, and
+        only when the projector engine is loaded. `graphs`: the engines to load (default: all; Triton's
+        entry model runs the decoder alone, its vision and projector being Triton's own models)."""
         from polygraphy import cuda
 
         self.artifacts = Path(artifacts)
@@ -174,10 +182,18 @@ class TrtBackend:
         self._decoder: DecoderLoop | None = None
         self._stream = self._empty = self._runtime = None
         record = require_engines_record(engines_dir)
-        graphs = {name: graph["sha256"] for name, graph in self.manifest.graphs.items()}
-        check_source_graphs(engines_dir, record, graphs)
-        plugin = chosen_plugin_library(plugin) if record["plugin"].get("mode") == PEG_PLUGIN else None
-        check_plugin_library(engines_dir, record, plugin)  # before TensorRT is even imported
+        wanted = list(self.manifest.graphs) if graphs is None else list(graphs)
+        unknown = sorted(set(wanted) - set(self.manifest.graphs))
+        if unknown:
+            raise MvlmError(
+                f"graphs {unknown}: not in {self.artifacts / MANIFEST_NAME} ({sorted(self.manifest.graphs)})"
+            )
+        hashes = {name: self.manifest.graphs[name]["sha256"] for name in wanted}
+        check_source_graphs(engines_dir, record, hashes)
+        holds_plugin = "projector" in wanted and record["plugin"].get("mode") == PEG_PLUGIN
+        plugin = chosen_plugin_library(plugin) if holds_plugin else None
+        if holds_plugin:
+            check_plugin_library(engines_dir, record, plugin)  # before TensorRT is even imported
         flavour = FLAVOURS.get(record["builder"]["flavour"])
         if flavour is None:
             raise MvlmError(f"--engines {engines_dir}: unknown builder {record['builder']['flavour']!r}: rebuild")
@@ -186,7 +202,7 @@ class TrtBackend:
             raise MvlmError(f"--backend trt: the engines in {engines_dir} were built with {flavour.name}: {why}")
         gpu = query_gpu()
         self.record = check_engines_record(
-            engines_dir, flavour.name, trt.__version__, gpu and gpu.name, gpu and gpu.sm, plugin, graphs=graphs
+            engines_dir, flavour.name, trt.__version__, gpu and gpu.name, gpu and gpu.sm, plugin, graphs=hashes
         )
         if not flavour.runs_in_backend:  # reached only on a GPU these engines match
             raise MvlmError(f"--backend trt: running {flavour.name} engines is not supported yet ({engines_dir})")
@@ -198,7 +214,7 @@ class TrtBackend:
             self._empty = cuda.DeviceArray.raw((ADDRESS_ALIGNMENT,))  # cudaMalloc: 256-byte aligned, never null
             with no_collection_inside_tensorrt():
                 runtime = self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives its engines
-                for name in self.record["engines"]:
+                for name in wanted:
                     engine = runtime.deserialize_cuda_engine(engine_path(engines_dir, self.record, name).read_bytes())
                     if engine is None:
                         raise MvlmError(f"--engines {engines_dir}: TensorRT could not deserialize the {name} engine")

@@ -28,8 +28,6 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         bundle = Path(args["model_repository"]) / args["model_version"] / "bundle"
-        # The PEG plugin copied into the repository from the library its maker chose (never the bundle's).
-        plugin = Path(args["model_repository"]).parent / parameters["plugin"] if parameters.get("plugin") else None
         embedder = None
         if parameters.get("vision_model"):  # backend trt: the vision and projector engines are Triton's
             embedder = BlsImageEmbedder(parameters["vision_model"], parameters["projector_model"], config["name"])
@@ -40,7 +38,6 @@ class TritonPythonModel:
             threads=int(parameters.get("threads", "0")),
             int4_activations=parameters.get("int4_activations", "int8"),
             image_embedder=embedder,
-            plugin=plugin,
         )
         self.max_tokens = int(parameters["max_tokens"])
 

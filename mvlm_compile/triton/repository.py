@@ -34,7 +34,7 @@ from mvlm_compile import contract
 from mvlm_compile.bundle import default_engines_dir, resolve_artifacts
 from mvlm_compile.engines_record import ENGINES_MANIFEST, PEG_PLUGIN, engine_path, require_engines_record
 from mvlm_compile.errors import ArtifactError, MvlmError
-from mvlm_compile.fileio import atomic_output_dir, sha256_file, write_bytes, write_json
+from mvlm_compile.fileio import atomic_output_dir, sha256_file, write_bytes
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
 from mvlm_compile.peg_op import PLUGIN_LIBRARY, PluginLibraryError, find_plugin_library
 from mvlm_compile.runtime.backend import BACKENDS
@@ -152,10 +152,8 @@ def make_repository(
             vision, projector = f"{model_name}_vision", f"{model_name}_projector"
             names = {"vision": vision, "projector": projector}
             repository_plugin = _engine_models(tmp, engines_dir, record, manifest, names, plugin)
-            _decoder_engines(engines_dir, record, version_dir / BUNDLE_DIR / "engines")
+            _link_engines(engines_dir, record, version_dir / BUNDLE_DIR / "engines")
             parameters.update(vision_model=vision, projector_model=projector)
-            if repository_plugin:  # the decoder's record names it: the entry model passes it to the runtime
-                parameters.update(plugin=repository_plugin)
             models += [vision, projector]
         kind = "KIND_GPU" if backend == "trt" else "KIND_CPU"
         write_bytes(tmp / model_name / "config.pbtxt", entry_config(model_name, instances, kind, parameters).encode())
@@ -288,15 +286,13 @@ def _engine_models(
     return f"{PLUGINS_DIR}/{PLUGIN_LIBRARY}"
 
 
-def _decoder_engines(engines_dir: Path, record: dict[str, Any], out: Path) -> None:
-    """The entry model's engines directory: the decoder engine and an engines.json that lists it
-    alone (the vision and projector engines are Triton's), otherwise the bundle's record as is."""
+def _link_engines(engines_dir: Path, record: dict[str, Any], out: Path) -> None:
+    """The entry model's engines directory: the bundle's engines and engines.json as they are (linked,
+    so no disk); the entry model's runtime loads the decoder engine alone (Session's image_embedder)."""
     out.mkdir(parents=True)
-    decoder = dict(record["engines"]["decoder"])
-    _link(engine_path(engines_dir, record, "decoder"), out / decoder["file"])
-    subset = {key: value for key, value in record.items() if key != "engines"}
-    subset["engines"] = {"decoder": decoder}
-    write_json(out / ENGINES_MANIFEST, subset)
+    for name in record["engines"]:
+        _link(engine_path(engines_dir, record, name), out / record["engines"][name]["file"])
+    _link(engines_dir / ENGINES_MANIFEST, out / ENGINES_MANIFEST)
 
 
 def _link_artifacts(artifacts: Path, manifest: Manifest, out: Path) -> None:
