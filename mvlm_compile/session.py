@@ -171,7 +171,6 @@ class Session:
         else:
             raise MvlmError(f"image: a {type(image).__name__}; expected a file path, encoded bytes or a PIL image")
         return hashlib.sha256(data).hexdigest(), preprocess_image(decode_image(data, what))
-        raise MvlmError(f"image: a {type(image).__name__}; expected a file path, encoded bytes or a PIL image")
 
     def _answer(
         self,
