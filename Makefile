@@ -19,7 +19,7 @@ GOLDEN_SHAPES ?= golden/tiny-shapes
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx,serve]'
 	touch $@
 
 # The main job on the embedded model that answers (models/tiny-shapes): build for an Orin (here

@@ -36,6 +36,7 @@ LAYERS = [
     ("stages", ["export", "surgery", "quantize", "engine", "verify"]),
     ("bundle", ["bundle"]),
     ("api", ["session"]),
+    ("server", ["serve"]),
     ("cli", ["cli"]),
 ]
 SIBLINGS = {"stages"}
