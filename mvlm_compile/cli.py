@@ -707,9 +707,7 @@ def run(
 )
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=20 * 2**20, show_default=True)
 @click.option("--max-image-bytes", type=click.IntRange(min=1), default=10 * 2**20, show_default=True)
-@click.option(
-    "--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (default: only base64 data URLs)."
-)
+@click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (default: only base64 data URLs).")
 @click.option("--image-fetch-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
 @click.option(
     "--image-cache-size",

@@ -148,6 +148,7 @@ class _State:
         seed = request.seed
         if seed is None:  # greedy needs none; sampling without a seed differs from call to call, as OpenAI's
             seed = secrets.randbelow(2**31) if temperature > 0 else 0
+        given = max_tokens is not None
         try:
             if max_tokens is None:  # OpenAI's default: as many as the context leaves
                 max_tokens = max(1, session.limits.context - session.prompt_tokens(question.text))
@@ -162,7 +163,7 @@ class _State:
                 stream=True,
             )
         except MvlmError as e:
-            raise from_session_error(e, question.image_param) from None
+            raise from_session_error(e, question.image_param, given) from None
 
     async def close(self, loading: asyncio.Task) -> None:
         self.status = "stopping"

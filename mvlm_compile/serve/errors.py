@@ -50,15 +50,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def from_session_error(error: MvlmError, image_param: str) -> APIError:
-    """A 400 for what Session.generate refused, in the request's terms (max_tokens, not --max-new-tokens)."""
+def from_session_error(error: MvlmError, image_param: str, max_tokens_given: bool) -> APIError:
+    """A 400 for what Session.generate refused, in the request's terms (max_tokens, not --max-new-tokens).
+    A context overflow is the prompt's fault unless the request asked for max_tokens."""
     message = error.format_message()
     param = None
     if message.startswith("image:"):  # decoding the image failed: name where it is in the request
         param, message = image_param, image_param + message[len("image") :]
     for option, field in _SESSION_OPTIONS.items():
         if option in message:
-            # The context check names the prompt first, but max_tokens is what a client changes.
-            param = param or ("max_tokens" if "exceed the context" in message else field)
+            overflow = "exceed the context" in message
+            param = param or ("max_tokens" if overflow and max_tokens_given else "messages" if overflow else field)
             message = message.replace(option, field)
     return APIError(400, message, param=param)

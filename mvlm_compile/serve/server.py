@@ -14,6 +14,7 @@ from types import FrameType
 
 import uvicorn
 
+from mvlm_compile.bundle import resolve_artifacts
 from mvlm_compile.errors import InternalError, MvlmError
 from mvlm_compile.serve.app import ServeOptions, create_app
 
@@ -37,6 +38,7 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(options: ServeOptions) -> None:
     """Serve until stopped; raises MvlmError (the CLI's exit status) if it cannot."""
+    resolve_artifacts(options.bundle)  # a path that is no bundle fails here, before anything listens
     sock = _bind(options.host, options.port)
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
