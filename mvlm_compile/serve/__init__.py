@@ -1,7 +1,7 @@
 """`mvlm-compile serve`: an OpenAI-compatible HTTP server over one `mvlm_compile.Session`.
 
     app.py      the Starlette app: routes, request checks, OpenAI-shaped errors, SSE streaming
-    requests.py the chat-completions request schema (pydantic) and what this model accepts of it
+    schema.py   the chat-completions request schema (pydantic) and what this model accepts of it
     images.py   an image_url's bytes: base64 data URLs, remote URLs only when allowed
     worker.py   the bounded queue and the one generation thread (the session answers one at a time)
     metrics.py  the Prometheus metrics

@@ -38,8 +38,14 @@ from mvlm_compile.errors import MvlmError
 from mvlm_compile.serve.errors import APIError, from_session_error
 from mvlm_compile.serve.images import image_bytes
 from mvlm_compile.serve.metrics import Metrics
-from mvlm_compile.serve.requests import ChatCompletionRequest, Question, max_new_tokens, parse_request, stop_strings
-from mvlm_compile.serve.requests import the_question as question_of
+from mvlm_compile.serve.schema import (
+    ChatCompletionRequest,
+    Question,
+    max_new_tokens,
+    parse_request,
+    stop_strings,
+    the_question,
+)
 from mvlm_compile.serve.worker import Job, Worker
 from mvlm_compile.session import Session, TextStream
 
@@ -100,9 +106,10 @@ class _State:
                 self._on_load_failure(e)
             return
         self.model_name = self.model_name or self.session.model_id
-        self.status = "ready"
-        self.metrics.ready.set(1)
-        log.info("model %r ready (backend %s)", self.model_name, self.options.backend)
+        if self.status == "loading":  # not when a stop began meanwhile
+            self.status = "ready"
+            self.metrics.ready.set(1)
+            log.info("model %r ready (backend %s)", self.model_name, self.options.backend)
 
     def _load_and_warm_up(self) -> Session:
         from PIL import Image
@@ -228,7 +235,7 @@ def create_app(options: ServeOptions, on_load_failure: Callable[[BaseException],
         state.require_ready()
         chat = parse_request(await _read_json(request, options.max_body_bytes))
         _check_model(chat.model)
-        question = question_of(chat)
+        question = the_question(chat)
         max_tokens, stop = max_new_tokens(chat), stop_strings(chat)
         job = state.worker.admit()
         try:
