@@ -77,7 +77,10 @@ class Server:
     def __init__(self, artifacts: Path, *options: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        argv = cli_argv_without_torch(["serve", str(artifacts), "--port", str(self.port), *options])
+        # fp32 activations, as verify and test_session.py: the reference's tokens on any CPU (int8's
+        # rounding may differ between instruction sets).
+        argv = ["serve", str(artifacts), "--port", str(self.port), "--int4-activations", "fp32", *options]
+        argv = cli_argv_without_torch(argv)
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
