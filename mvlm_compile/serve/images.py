@@ -17,7 +17,7 @@ async def image_bytes(
 ) -> bytes:
     """The image's encoded bytes; `fetcher` is None when remote images are refused."""
     if url.startswith("data:"):
-        return _data_url(url, param, max_bytes)
+        return await asyncio.to_thread(_data_url, url, param, max_bytes)  # megabytes: not on the event loop
     if url.startswith(("http://", "https://")):
         if fetcher is None:
             raise APIError(
