@@ -24,7 +24,7 @@ GOLDEN_SHAPES ?= golden/tiny-shapes
 
 $(STAMP): pyproject.toml constraints/ci.txt constraints/triton-python.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx,triton]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx,serve,triton]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints/ci.txt nvidia-pytriton
 	test -x $(TRITON_PYTHON)/bin/python || $(PYTHON) -m venv $(TRITON_PYTHON)
 	grep -v -e '^numpy==' -e '^ml_dtypes==' constraints/ci.txt > $(TRITON_PYTHON)/constraints.txt
@@ -70,7 +70,8 @@ lint-fix: $(STAMP)
 
 # Full-size synthetic 1.7B: the main job (build + verify) end to end, export time/memory, quantization accuracy/time/memory, and
 # ONNX Runtime (INT4) vs PyTorch eager speed, the lm_head precision study, the INT4 kernel per block size, and (with the [bench] extra
-# installed) ours against llama.cpp Q4_0, and the shapes model served by Triton (perf_analyzer). Long (tens of minutes) and ~20 GB of disk.
+# installed) ours against llama.cpp Q4_0 and `serve` under load (Locust, 1-8 users, tiny-shapes); the shapes model served by
+# Triton (perf_analyzer). Long (tens of minutes) and ~20 GB of disk.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/build_bench.py --preset mobilevlm-v2-1.7b --target orin-agx-64gb --workdir $(BENCH_DIR)
 	$(BIN)/python benchmarks/export_bench.py --preset mobilevlm-v2-1.7b --dtype fp32 --workdir $(BENCH_DIR)
@@ -86,6 +87,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/peg_kernel_bench.py || echo "peg_kernel_bench: needs a CUDA GPU"
 	$(BIN)/python benchmarks/task_bench.py --workdir $(BENCH_DIR)/task
 	$(BIN)/python benchmarks/triton_bench.py --workdir $(BENCH_DIR)/triton --report $(BENCH_DIR)/triton_bench-tiny-shapes.json
+	status=0; $(BIN)/python benchmarks/serve_bench.py --workdir $(BENCH_DIR) --report $(BENCH_DIR)/serve_bench-tiny-shapes.json \
+	  || status=$$?; test $$status -eq 0 -o $$status -eq 3  # 3: skipped, the [bench] extra (Locust) is not installed
 
 # Regenerate the committed golden sets (after a deliberate change to a model or to the reference):
 # the random tiny model's (the exporter's own tests) and the shapes model's.

@@ -754,6 +754,62 @@ def run(
 
 @cli.command()
 @click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@_backend_options
+@_int4_activations_option
+@click.option(
+    "--api-key",
+    envvar="MVLM_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); also read from $MVLM_API_KEY.",
+)
+@click.option("--model-name", default=None, help="The model's id for clients (default: the bundle's recipe name).")
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    help="Requests that may wait while one runs; more get 429.",
+)
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=20 * 2**20, show_default=True)
+@click.option("--max-image-bytes", type=click.IntRange(min=1), default=10 * 2**20, show_default=True)
+@click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (default: only base64 data URLs).")
+@click.option("--image-fetch-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option(
+    "--image-cache-size",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Images whose embeddings are kept (a repeated image skips the vision encoder).",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.IntRange(min=0),
+    default=30,
+    show_default=True,
+    help="On SIGTERM or Ctrl-C: seconds requests in flight get to finish before they are cancelled.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
+def serve(artifacts: Path, **options: Any) -> None:
+    """Serve the model over HTTP, OpenAI-compatible (/v1/chat/completions, /v1/models, /health, /metrics).
+
+    Needs the [serve] extra. Stops on SIGTERM or Ctrl-C after draining, with exit status 0."""
+    try:
+        from mvlm_compile import serve as server
+    except ImportError as e:
+        raise MvlmError(f"serve: needs the [serve] extra ({e}): pip install 'mvlm-compile[serve]'") from None
+
+    server.serve(server.ServeOptions(bundle=artifacts, **options))
+
+
+@cli.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
 @_backend_options
 @_int4_activations_option
 @click.option(
@@ -772,7 +828,12 @@ def run(
 )
 @click.option("--decode-steps", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1, 1000),  # bounded: each repeat times every graph; the others are bounded by the context
+    default=5,
+    show_default=True,
+)
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the results as JSON here.")
 @_json_option
 def bench(

@@ -110,10 +110,9 @@ def shapes_int4(shapes_fp16, tmp_path_factory) -> Path:
     return out
 
 
-def run_cli_without_torch(args: list[str]):
-    """The CLI in a subprocess where importing torch or transformers fails, as on a JetPack
-    without them: the target side (build from a bundle, verify, eval, run) must not need them."""
-    import subprocess
+def cli_argv_without_torch(args: list[str]) -> list[str]:
+    """argv for the CLI in a subprocess where importing torch or transformers fails, as on a JetPack
+    without them: the target side (build from a bundle, verify, eval, run, serve) must not need them."""
     import sys
 
     blocker = (
@@ -126,4 +125,29 @@ def run_cli_without_torch(args: list[str]):
         "from mvlm_compile.cli import main\n"
         "main()\n"
     )
-    return subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True)
+    return [sys.executable, "-c", blocker, *args]
+
+
+def run_cli_without_torch(args: list[str]):
+    """Run the CLI to completion without torch and transformers (cli_argv_without_torch)."""
+    import subprocess
+
+    return subprocess.run(cli_argv_without_torch(args), capture_output=True, text=True)
+
+
+QUESTION = "Describe the image in one sentence."  # golden/tiny-shapes/generation.json's question
+
+
+def shapes_reference_answer() -> tuple[str, int]:
+    """(text, tokens) of the FP32 PyTorch reference's answer to QUESTION about the golden image:
+    golden/tiny-shapes/generation.json's greedy tokens up to EOS, decoded with the model's tokenizer."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    generation = json.loads((GOLDEN_SHAPES / "generation.json").read_text())
+    assert QUESTION in generation["prompt"]
+    tokens = generation["generated_ids"]
+    answer = tokens[: tokens.index(2)]  # EOS
+    tokenizer = Tokenizer.from_file(str(SHAPES_MODEL / "tokenizer.json"))
+    return tokenizer.decode(answer), len(answer)

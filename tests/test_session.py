@@ -5,14 +5,13 @@ tokens for the example image, up to EOS), which the INT4 recipe's gate requires 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
+from conftest import QUESTION, shapes_reference_answer
 
 from mvlm_compile import Session
 from mvlm_compile.errors import MvlmError
@@ -20,18 +19,12 @@ from mvlm_compile.errors import MvlmError
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "golden" / "tiny-shapes"
 IMAGE = GOLDEN / "image.png"
-QUESTION = "Describe the image in one sentence."
 
 
 @pytest.fixture(scope="module")
 def reference_answer() -> tuple[str, int]:
     """(text, tokens) of the FP32 reference's answer to QUESTION about IMAGE."""
-    generation = json.loads((GOLDEN / "generation.json").read_text())
-    assert QUESTION in generation["prompt"]
-    tokens = generation["generated_ids"]
-    answer = tokens[: tokens.index(2)]  # EOS
-    tokenizer = Tokenizer.from_file(str(ROOT / "models" / "tiny-shapes" / "tokenizer.json"))
-    return tokenizer.decode(answer), len(answer)
+    return shapes_reference_answer()
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,14 @@ def test_threads_beyond_four_per_core_are_refused_by_every_command(bundle):
     )
 
 
+def test_bench_repeats_are_bounded(bundle):
+    """An unbounded --repeats (the fuzz test once drew 99999...) ran for ever: refused before anything loads."""
+    for repeats in (1001, 10**12):
+        result = _cli("bench", bundle, "--repeats", repeats, "--warmup", "0", "--decode-steps", "1")
+        assert result.exit_code == EXIT_INPUT_ERROR and "--repeats" in result.output, result.output
+        assert "1<=x<=1000" in result.output
+
+
 def test_the_python_api_bounds_threads_too():
     from mvlm_compile.manifest import load_manifest
     from mvlm_compile.runtime.ort_backend import OrtBackend, ort_session, usable_cores

@@ -1,0 +1,198 @@
+"""The chat-completions request (OpenAI's schema), and what of it this model answers.
+
+The model answers one question about one image in its own conversation template, which has a fixed
+system prompt. So a request holds exactly one message, from the user, whose content has text (the
+question; several text parts are joined by newlines) and exactly one `image_url` part. System and
+assistant messages, several turns, a message without an image or with several are refused with
+400, as are options that would change the answer in ways this server does not implement (n > 1,
+logprobs, tools, penalties, JSON mode): a clear error rather than an answer that ignores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from mvlm_compile.serve.errors import APIError
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # fields OpenAI adds later are not errors
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Lenient):
+    url: str
+    detail: str | None = None  # the encoder has one resolution: accepted and ignored
+
+
+class ImagePart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class OtherPart(_Lenient):
+    type: str
+
+
+def _part_kind(part: object) -> str:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(str(kind), "OtherPart")
+
+
+# Chosen by "type", so that an image part without its url says so (not "unknown part type").
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")]
+    | Annotated[ImagePart, Tag("ImagePart")]
+    | Annotated[OtherPart, Tag("OtherPart")],
+    Discriminator(_part_kind),
+]
+_UNION_TAGS = {"str", "TextPart", "ImagePart", "OtherPart"}  # in pydantic's error locations, not fields
+
+
+class Message(_Lenient):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Accepted only at the value that changes nothing (see _UNSUPPORTED).
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+
+# field -> values that mean "not used"
+_UNSUPPORTED = {
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    """What the session is asked: the question, the image's URL and where it is in the request."""
+
+    text: str
+    image_url: str
+    image_param: str  # e.g. messages[0].content[1].image_url.url, for errors
+
+
+def parse_request(document: object) -> ChatCompletionRequest:
+    """The request, or a 400 naming the first field that is wrong."""
+    try:
+        request = ChatCompletionRequest.model_validate(document)
+    except ValidationError as e:
+        # Of a union's failed members (content: a string, or a list of parts) the deepest is the one meant.
+        error = max(e.errors(), key=lambda error: len(error["loc"]))
+        param = _param(error["loc"]) or None
+        raise APIError(400, f"{param or 'the request body'}: {error['msg']}", param=param) from None
+    for name, unused in _UNSUPPORTED.items():
+        if getattr(request, name) not in unused:
+            raise APIError(400, f"{name}: not supported by this server", param=name, code="unsupported_parameter")
+    if request.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "response_format: only text is supported", param="response_format")
+    return request
+
+
+def _param(loc: tuple) -> str:
+    """pydantic's location -> OpenAI's param: ('messages', 0, 'content') -> messages[0].content."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in _UNION_TAGS or "[" in str(part):
+            continue  # pydantic names the union member it tried; not a field of the request
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def the_question(request: ChatCompletionRequest) -> Question:
+    """The one user message's question and image, or a 400 that says what this model takes."""
+    if len(request.messages) != 1 or request.messages[0].role != "user":
+        roles = ", ".join(m.role for m in request.messages)
+        raise APIError(
+            400,
+            f"messages: expected exactly one message, from the user, with a question and one image (got: {roles}); "
+            "this model answers one question about one image in its own template (no system prompt, no turns)",
+            param="messages",
+        )
+    content = request.messages[0].content
+    parts = [TextPart(type="text", text=content)] if isinstance(content, str) else list(content or [])
+    texts, images = [], []
+    for i, part in enumerate(parts):
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif isinstance(part, ImagePart):
+            images.append((i, part.image_url.url))
+        else:
+            raise APIError(
+                400,
+                f"content part type {part.type!r}: expected 'text' or 'image_url'",
+                param=f"messages[0].content[{i}].type",
+            )
+    if len(images) != 1:
+        raise APIError(
+            400,
+            f"messages[0].content: {len(images)} images; expected exactly one image_url part",
+            param="messages[0].content",
+        )
+    question = "\n".join(texts)
+    if not question.strip():
+        raise APIError(
+            400, "messages[0].content: no question (a text part) about the image", param="messages[0].content"
+        )
+    at, url = images[0]
+    return Question(question, url, f"messages[0].content[{at}].image_url.url")
+
+
+def max_new_tokens(request: ChatCompletionRequest) -> int | None:
+    value = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    if value is not None and value < 1:
+        raise APIError(400, f"{name} {value}: expected at least 1", param=name)
+    return value
+
+
+def stop_strings(request: ChatCompletionRequest) -> tuple[str, ...]:
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop: {len(stop)} strings; at most {MAX_STOP_STRINGS}", param="stop")
+    if any(not s for s in stop):
+        raise APIError(400, "stop: an empty string would stop before the first token", param="stop")
+    return tuple(stop) or ("</s>",)

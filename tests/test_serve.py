@@ -1,0 +1,468 @@
+"""`mvlm-compile serve` as a client sees it: real server processes (torch and transformers blocked, as
+on a Jetson) on the embedded shapes model's deployed form, queried with the official openai client
+and raw HTTP.
+
+The expected answer is the FP32 PyTorch reference's (golden/tiny-shapes/generation.json), its
+prompt's length counted from the golden input ids and the vision config (LDPv2 pools 2x2). Two
+servers per module: `server` with the defaults (and small body/image limits), `guarded` with an API
+key, no queue (--max-queue 0) and remote images allowed; the last test stops `guarded` with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import http.server
+import io
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from conftest import GOLDEN_SHAPES, QUESTION, SHAPES_MODEL, cli_argv_without_torch, shapes_reference_answer
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+IMAGE = GOLDEN_SHAPES / "image.png"
+MODEL = "tiny-shapes"  # the recipe's name: the default model id
+API_KEY = "test-key-123"
+MAX_BODY, MAX_IMAGE = 2 * 2**20, 2**20
+# Sampling at temperature 100 is near uniform over the vocabulary, so EOS (1 in 512) rarely ends it:
+# with one of these seeds the answer runs to max_tokens, a generation long enough to hang up on.
+LONG = {"temperature": 100, "max_tokens": 300}
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def ask(question: str = QUESTION, url: str | None = None) -> list[dict]:
+    url = url or data_url(IMAGE.read_bytes())
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}],
+        }
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    text, tokens = shapes_reference_answer()
+    golden = json.loads((GOLDEN_SHAPES / "generation.json").read_text())
+    vision = json.loads((SHAPES_MODEL / "config.json").read_text())["vision_config"]
+    image_tokens = (vision["image_size"] // vision["patch_size"] // 2) ** 2
+    prompt_tokens = len(golden["input_ids"]) - 1 + image_tokens  # the image token stands for the image's
+    return {"text": text, "completion_tokens": tokens, "prompt_tokens": prompt_tokens}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mvlm-compile serve` in a subprocess; `statuses` are what /health answered until it was ready."""
+
+    def __init__(self, artifacts: Path, *options: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # fp32 activations, as verify and test_session.py: the reference's tokens on any CPU (int8's
+        # rounding may differ between instruction sets).
+        argv = ["serve", str(artifacts), "--port", str(self.port), "--int4-activations", "fp32", *options]
+        argv = cli_argv_without_torch(argv)
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
+        self.statuses = self._wait_ready(timeout=180)
+
+    def _wait_ready(self, timeout: float) -> list[tuple[int, dict]]:
+        statuses = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the server exited ({self.process.returncode}):\n{''.join(self.log)}"
+            with contextlib.suppress(httpx.TransportError):
+                r = httpx.get(f"{self.url}/health", timeout=5)
+                statuses.append((r.status_code, r.json()))
+                if r.status_code == 200:
+                    return statuses
+            time.sleep(0.02)
+        raise AssertionError(f"not ready within {timeout} s:\n{''.join(self.log)}")
+
+    def client(self, api_key: str = "unused", **options) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **options)
+
+    def metrics(self) -> dict[str, float]:
+        """name{label="value",...} -> value, read by prometheus_client's own parser."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        found = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return found
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(shapes_int4):
+    s = Server(shapes_int4, "--max-queue", "8", "--max-body-bytes", str(MAX_BODY), "--max-image-bytes", str(MAX_IMAGE))
+    yield s
+    assert s.stop() == 0, "".join(s.log)
+
+
+@pytest.fixture(scope="module")
+def guarded(shapes_int4):
+    s = Server(shapes_int4, "--api-key", API_KEY, "--max-queue", "0", "--allow-remote-images")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def long_seed(server) -> int:
+    """A seed with which the LONG request runs to its max_tokens."""
+    client = server.client()
+    for seed in range(1, 9):
+        answer = client.chat.completions.create(model=MODEL, messages=ask(), seed=seed, **LONG)
+        if answer.choices[0].finish_reason == "length":
+            assert answer.usage.completion_tokens == LONG["max_tokens"]
+            return seed
+    raise AssertionError("no seed in 1-8 gives a generation that runs to max_tokens")
+
+
+def first_content(lines) -> str:
+    """Read SSE lines up to the first with text."""
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            if delta.get("content"):
+                return delta["content"]
+    raise AssertionError("the stream ended without text")
+
+
+# Answers ---------------------------------------------------------------------------------------
+
+
+def test_ready_after_loading(server):
+    """/health answered 503 while the model loaded (the socket listens first), then 200."""
+    assert server.statuses[-1] == (200, {"status": "ready", "model": MODEL})
+    assert any(code == 503 and body["status"] == "loading" for code, body in server.statuses), server.statuses
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert server.client().models.retrieve(MODEL).id == MODEL
+
+
+def test_answer_matches_the_reference(server, reference):
+    answer = server.client().chat.completions.create(model=MODEL, messages=ask(), temperature=0)
+    assert answer.choices[0].message.content == reference["text"]
+    assert answer.choices[0].finish_reason == "stop"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (
+        reference["prompt_tokens"],
+        reference["completion_tokens"],
+        reference["prompt_tokens"] + reference["completion_tokens"],
+    )
+
+
+def test_streamed_answer_matches_the_reference(server, reference):
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=ask(), stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == reference["text"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].choices == []  # include_usage: the last chunk carries the usage alone
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        reference["prompt_tokens"],
+        reference["completion_tokens"],
+    )
+
+
+def test_max_tokens_and_stop(server, reference):
+    client = server.client()
+    short = client.chat.completions.create(model=MODEL, messages=ask(), max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert reference["text"].startswith(short.choices[0].message.content)
+    word = reference["text"].split()[3]
+    stopped = client.chat.completions.create(model=MODEL, messages=ask(), max_completion_tokens=64, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == reference["text"][: reference["text"].index(word)]
+
+
+def test_six_concurrent_clients(server, reference):
+    def one(i: int) -> str:
+        client = server.client(timeout=120)
+        if i % 2:
+            return client.chat.completions.create(model=MODEL, messages=ask()).choices[0].message.content
+        stream = client.chat.completions.create(model=MODEL, messages=ask(), stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(one, range(6))) == [reference["text"]] * 6
+
+
+def test_metrics_count_one_request(server, reference):
+    before = server.metrics()
+    server.client().chat.completions.create(model=MODEL, messages=ask())
+    after = server.metrics()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert grew('mvlm_requests_total{endpoint="/v1/chat/completions",status="200"}') == 1
+    assert grew("mvlm_prompt_tokens_total") == reference["prompt_tokens"]
+    assert grew("mvlm_completion_tokens_total") == reference["completion_tokens"]
+    assert grew('mvlm_generations_total{finish_reason="stop"}') == 1
+    assert grew("mvlm_time_to_first_token_seconds_count") == 1
+    assert grew("mvlm_time_per_output_token_seconds_count") == 1
+    assert 0 < grew("mvlm_time_to_first_token_seconds_sum") < 60
+    assert after["mvlm_queue_depth"] == after["mvlm_requests_running"] == 0 and after["mvlm_ready"] == 1
+
+
+# Bad input -------------------------------------------------------------------------------------
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress: side * side * 3 bytes and more."""
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def body(**changes) -> dict:
+    return {"model": MODEL, "messages": ask(), **changes}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+GOOD_IMAGE = image_part(data_url(IMAGE.read_bytes()))
+BAD_REQUESTS = {
+    "bad base64": (body(messages=ask(url="data:image/png;base64,@@not base64@@")), 400, "image_url.url"),
+    "not an image": (body(messages=ask(url=data_url(b"GIF? no, plain text"))), 400, "image_url.url"),
+    "not an image media type": (body(messages=ask(url=data_url(b"x", "text/plain"))), 400, "image_url.url"),
+    "image too large": (body(messages=ask(url=data_url(noise_png(640)))), 400, "image_url.url"),
+    "remote image refused": (body(messages=ask(url="http://127.0.0.1:9/image.png")), 400, "image_url.url"),
+    "max_tokens 0": (body(max_tokens=0), 400, "max_tokens"),
+    "max_tokens beyond the context": (body(max_tokens=400), 400, "max_tokens"),
+    "prompt beyond the context": (body(messages=ask("word " * 400)), 400, "messages"),
+    "temperature out of range": (body(temperature=-1), 400, "temperature"),
+    "top_p 0": (body(top_p=0), 400, "top_p"),
+    "unknown model": (body(model="gpt-4o"), 404, "model"),
+    "no image": (body(messages=[{"role": "user", "content": QUESTION}]), 400, "messages[0].content"),
+    "two images": (
+        body(messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION}, GOOD_IMAGE, GOOD_IMAGE]}]),
+        400,
+        "messages[0].content",
+    ),
+    "no question": (body(messages=[{"role": "user", "content": [GOOD_IMAGE]}]), 400, "messages[0].content"),
+    "system prompt": (body(messages=[{"role": "system", "content": "Be brief."}, *ask()]), 400, "messages"),
+    "two turns": (body(messages=[*ask(), {"role": "assistant", "content": "A star."}, *ask()]), 400, "messages"),
+    "image part without url": (
+        body(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}]),
+        400,
+        "messages[0].content[1].image_url",
+    ),
+    "no messages": (body(messages=[]), 400, "messages"),
+    "messages not a list": (body(messages="hi"), 400, "messages"),
+    "n > 1": (body(n=2), 400, "n"),
+    "not an object": ([1, 2], 400, None),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, name):
+    document, status, param = BAD_REQUESTS[name]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=document, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param or (param and error["param"].endswith(param)), error
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content, headers, status",
+    [
+        (b'{"model": "tiny-shapes", "messages": [', {"content-type": "application/json"}, 400),  # malformed JSON
+        (b"\xff\xfe", {"content-type": "application/json"}, 400),
+        (b"model=tiny-shapes", {"content-type": "application/x-www-form-urlencoded"}, 415),
+        (b"{}", {}, 415),
+    ],
+)
+def test_malformed_bodies(server, content, headers, status):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=content, headers=headers, timeout=30)
+    assert r.status_code == status and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_paths_and_methods_are_json_errors(server):
+    assert httpx.get(f"{server.url}/v1/completions").json()["error"]["message"].endswith("Not Found")
+    assert httpx.get(f"{server.url}/v1/chat/completions").status_code == 405
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().chat.completions.create(model="nope", messages=ask())
+    assert e.value.code == "model_not_found"
+
+
+def raw_request(port: int, head: str, body: bytes) -> bytes:
+    """Send a request's head and part of its body; what the server answers, without sending the rest."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(head.encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def test_oversize_body_is_refused_before_it_is_read(server):
+    """A declared 1 GB body: 413 after 1 KiB of it, the rest never sent."""
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {10**9}\r\n\r\n"
+    )
+    answer = raw_request(server.port, head, b"{" + b" " * 1023)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"--max-body-bytes" in answer
+    # Chunked (no length declared): refused once what came exceeds the limit.
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    size = MAX_BODY + 4096
+    answer = raw_request(server.port, head, f"{size:x}\r\n".encode() + b" " * size + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+# Hanging up, queueing, stopping ----------------------------------------------------------------
+
+
+def test_hang_up_mid_stream_frees_the_engine(server, long_seed, reference):
+    before = server.metrics()
+    request = body(stream=True, seed=long_seed, **LONG)
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.url}/v1/chat/completions", json=request) as r:
+        first_content(r.iter_lines())
+    # Hung up after the first piece: the generation is cancelled long before its 300 tokens.
+    deadline = time.monotonic() + 10
+    while (after := server.metrics()).get('mvlm_generations_total{finish_reason="cancelled"}', 0) == before.get(
+        'mvlm_generations_total{finish_reason="cancelled"}', 0
+    ):
+        assert time.monotonic() < deadline, "the hung-up generation was never cancelled"
+        time.sleep(0.02)
+    assert after["mvlm_completion_tokens_total"] - before["mvlm_completion_tokens_total"] < LONG["max_tokens"]
+    assert after["mvlm_requests_running"] == 0 and after["mvlm_queue_depth"] == 0
+    started = time.monotonic()
+    answer = server.client().chat.completions.create(model=MODEL, messages=ask())
+    assert answer.choices[0].message.content == reference["text"]
+    assert time.monotonic() - started < 10
+
+
+def test_api_key(guarded):
+    no_key = httpx.get(f"{guarded.url}/v1/models")
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client(api_key="wrong").models.list()
+    assert [m.id for m in guarded.client(api_key=API_KEY).models.list().data] == [MODEL]
+    assert httpx.get(f"{guarded.url}/health").status_code == 200  # probes and scrapers need no key
+    assert httpx.get(f"{guarded.url}/metrics").status_code == 200
+
+
+def test_full_queue_is_429(guarded, long_seed, reference):
+    """--max-queue 0: while one answer streams, the next request is refused at once."""
+    client = guarded.client(api_key=API_KEY)
+    request = body(stream=True, seed=long_seed, **LONG)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=60, headers=headers) as http:
+        with http.stream("POST", f"{guarded.url}/v1/chat/completions", json=request) as r:
+            lines = r.iter_lines()
+            first_content(lines)
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.chat.completions.create(model=MODEL, messages=ask())
+            assert refused.value.code == "queue_full" and refused.value.response.headers["retry-after"] == "1"
+            assert [line for line in lines if line][-1] == "data: [DONE]"  # the running answer is unharmed
+    assert client.chat.completions.create(model=MODEL, messages=ask()).choices[0].message.content == reference["text"]
+
+
+@pytest.fixture
+def image_site(tmp_path):
+    """A local http.server on 127.0.0.1 serving the golden image and one too large for --max-image-bytes."""
+    (tmp_path / "image.png").write_bytes(IMAGE.read_bytes())
+    (tmp_path / "large.png").write_bytes(noise_png(2048))  # > the 10 MiB default
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{site.server_address[1]}"
+    site.shutdown()
+
+
+def test_remote_images_when_allowed(guarded, image_site, reference):
+    client = guarded.client(api_key=API_KEY)
+    answer = client.chat.completions.create(model=MODEL, messages=ask(url=f"{image_site}/image.png"))
+    assert answer.choices[0].message.content == reference["text"]
+    for path, says in [("missing.png", "HTTP 404"), ("large.png", "larger than")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=ask(url=f"{image_site}/{path}"))
+        assert says in e.value.message
+
+
+def test_sigterm_drains_then_exits_0(guarded, long_seed):
+    """SIGTERM while a long answer streams: it runs to its end, new connections are refused, exit status 0."""
+    request = body(stream=True, seed=long_seed, stream_options={"include_usage": True}, **LONG)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=60, headers=headers) as http:
+        with http.stream("POST", f"{guarded.url}/v1/chat/completions", json=request) as r:
+            lines = r.iter_lines()
+            first_content(lines)
+            stopped_at = time.monotonic()
+            guarded.process.send_signal(signal.SIGTERM)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == LONG["max_tokens"]
+    assert guarded.process.wait(30) == 0, "".join(guarded.log)
+    assert time.monotonic() - stopped_at < 15
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{guarded.url}/health")
+
+
+def test_a_bundle_that_does_not_load_exits_2(shapes_int4, tmp_path):
+    """Refused before listening (no bundle there), or once loading fails (a damaged graph): exit 2."""
+    import shutil
+
+    damaged = Path(shutil.copytree(shapes_int4, tmp_path / "damaged", ignore=shutil.ignore_patterns("*.lock")))
+    (damaged / "decoder.onnx").write_bytes(b"not the graph the manifest describes")
+    for bundle, says in [(tmp_path / "missing", "neither a bundle"), (damaged, "decoder.onnx")]:
+        done = subprocess.run(
+            cli_argv_without_torch(["serve", str(bundle), "--port", str(free_port())]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {bundle}") and says in last, done.stderr
