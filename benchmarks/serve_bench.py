@@ -22,7 +22,6 @@ import csv
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from mvlm_compile.fileio import write_json
+from mvlm_compile.ports import free_ports
 from mvlm_compile.table import render_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +51,6 @@ def build_bundle(workdir: Path) -> Path:
         if done.returncode not in (0, 3):
             raise SystemExit(f"building the tiny-shapes bundle failed with status {done.returncode}")
     return bundle
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(bundle: Path, port: int, threads: int, log: Path) -> subprocess.Popen:
@@ -152,7 +146,7 @@ def main() -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle(args.workdir)
-    port = free_port()
+    port = free_ports()[0]
     url = f"http://127.0.0.1:{port}"
     server = start_server(bundle, port, args.threads, args.workdir / "serve_bench-server.log")
     levels = []

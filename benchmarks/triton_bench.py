@@ -24,12 +24,13 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from mvlm_compile.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"  # the server's core version; its wheel carries bin/perf_analyzer
@@ -87,17 +88,6 @@ def requests_data(path: Path, count: int) -> list[dict]:
         )
     path.write_text(json.dumps({"data": data}))
     return data
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def summarise(export: dict, concurrency: int) -> dict:
@@ -160,7 +150,7 @@ def main() -> int:
     binary, env = perf_analyzer(workdir)
     repository = make_repository(bundle, workdir / "repo", instances=args.instances)
     data = requests_data(workdir / "requests.json", REQUESTS_DATA)
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     results = []
     load_before = os.getloadavg()[0]  # other work on the machine skews the figures: recorded with them
     with local_server(repository.path, workdir, args.python, Ports(http, grpc, metrics)):

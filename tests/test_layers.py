@@ -29,6 +29,7 @@ LAYERS = [
             "manifest",
             "engines_record",
             "resources",
+            "ports",
         ],
     ),
     ("model", ["model", "tinytask", "recipes", "trt_env"]),

@@ -32,6 +32,8 @@ from conftest import GOLDEN_SHAPES, QUESTION, SHAPES_MODEL, cli_argv_without_tor
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from mvlm_compile.ports import free_ports
+
 IMAGE = GOLDEN_SHAPES / "image.png"
 MODEL = "tiny-shapes"  # the recipe's name: the default model id
 API_KEY = "test-key-123"
@@ -65,17 +67,11 @@ def reference() -> dict:
     return {"text": text, "completion_tokens": tokens, "prompt_tokens": prompt_tokens}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`mvlm-compile serve` in a subprocess; `statuses` are what /health answered until it was ready."""
 
     def __init__(self, artifacts: Path, *options: str) -> None:
-        self.port = free_port()
+        self.port = free_ports()[0]
         self.url = f"http://127.0.0.1:{self.port}"
         # fp32 activations, as verify and test_session.py: the reference's tokens on any CPU (int8's
         # rounding may differ between instruction sets).
@@ -416,6 +412,7 @@ def image_site(tmp_path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     handler.log_message = lambda *args: None
     site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    site.handle_error = lambda request, address: None  # the server under test hangs up on the large one
     threading.Thread(target=site.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{site.server_address[1]}"
     site.shutdown()
@@ -458,7 +455,7 @@ def test_a_bundle_that_does_not_load_exits_2(shapes_int4, tmp_path):
     (damaged / "decoder.onnx").write_bytes(b"not the graph the manifest describes")
     for bundle, says in [(tmp_path / "missing", "neither a bundle"), (damaged, "decoder.onnx")]:
         done = subprocess.run(
-            cli_argv_without_torch(["serve", str(bundle), "--port", str(free_port())]),
+            cli_argv_without_torch(["serve", str(bundle), "--port", str(free_ports()[0])]),
             capture_output=True,
             text=True,
             timeout=120,

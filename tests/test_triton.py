@@ -16,7 +16,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from tokenizers import Tokenizer
 from mvlm_compile.cli import cli
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.fileio import MARKER
+from mvlm_compile.ports import free_ports
 from mvlm_compile.triton import repository as triton_repository
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the [triton] extra is not installed (make test does)")
@@ -58,17 +58,6 @@ def reference() -> tuple[str, list[str]]:
     return tokenizer.decode(tokens), pieces
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def server(shapes_int4, tmp_path_factory):
     """The CLI makes the repository and serves it (`--serve`) until SIGTERM, which must stop it cleanly."""
@@ -81,7 +70,7 @@ def server(shapes_int4, tmp_path_factory):
     if not MODELS_PYTHON.exists():
         pytest.skip(f"{MODELS_PYTHON}: the models' environment (numpy < 2) is missing; make test makes it")
     root = tmp_path_factory.mktemp("triton")
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     command = [
         *(sys.executable, "-c", "from mvlm_compile.cli import main; main()"),
         *("triton", str(shapes_int4), "--out", str(root / "repo"), "--instances", "2", "--int4-activations", "fp32"),
