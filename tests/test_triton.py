@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,6 +270,33 @@ def test_the_repository_is_self_contained(shapes_int4, tmp_path):
     assert json.loads((out / MARKER).read_text())["kind"] == triton_repository.KIND
     again = CliRunner().invoke(cli, ["triton", str(shapes_int4), "--out", str(out)])  # ours: replaced
     assert again.exit_code == 0, again.output
+
+
+def test_external_weights_are_copied_and_the_repository_answers(shapes_int4, tmp_path, monkeypatch):
+    """A full-size bundle keeps its weights in <graph>.onnx.data, which onnx refuses to read from a file
+    of several hard links: the repository copies those (linking them failed every 1.7B request)."""
+    import onnx
+    from conftest import save_graph_by_hand, shapes_reference_answer
+
+    from mvlm_compile import Session, onnx_io
+
+    monkeypatch.setattr(onnx_io, "INLINE_WEIGHTS_LIMIT", 0)  # every graph gets <graph>.onnx.data
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(shapes_int4, artifacts, ignore=shutil.ignore_patterns("reference", ".mvlm-compile.lock"))
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    for name, graph in manifest["graphs"].items():
+        save_graph_by_hand(onnx.load(artifacts / graph["file"]), artifacts, name)
+    data = sorted(p.name for p in artifacts.glob("*.onnx.data"))
+    assert data == sorted(f"{g['file']}.data" for g in manifest["graphs"].values())
+
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(cli, ["triton", str(artifacts), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    copied = out / MODEL / "1" / "bundle" / "artifacts"
+    for name in data:
+        assert (copied / name).stat().st_nlink == 1 and (copied / name).read_bytes() == (artifacts / name).read_bytes()
+    with Session(copied, int4_activations="fp32") as session:  # what the entry model opens
+        assert session.generate(IMAGE, QUESTION, max_tokens=64).text == shapes_reference_answer()[0]
 
 
 @pytest.mark.parametrize(

@@ -297,7 +297,8 @@ def _link_engines(engines_dir: Path, record: dict[str, Any], out: Path) -> None:
 
 def _link_artifacts(artifacts: Path, manifest: Manifest, out: Path) -> None:
     """The files the manifest names (graphs with their external weights, embedding table,
-    tokenizer) and the manifest itself; never the FP32 reference graphs verify keeps."""
+    tokenizer) and the manifest itself, linked (the weights' data files copied); never the FP32
+    reference graphs verify keeps."""
     out.mkdir(parents=True)
     files = [manifest.graph_path(artifacts, name) for name in manifest.graphs]
     files += [Path(f"{path}.data") for path in files if Path(f"{path}.data").is_file()]
@@ -305,7 +306,12 @@ def _link_artifacts(artifacts: Path, manifest: Manifest, out: Path) -> None:
     for path in [artifacts / MANIFEST_NAME, *files]:
         target = out / path.relative_to(artifacts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _link(path, target)
+        if path.name.endswith(".onnx.data"):
+            # Copied, never linked: onnx refuses external weights in a file of several hard links (a
+            # "hardlink attack"), so a linked one failed the first request of every full-size model.
+            shutil.copyfile(path, target)
+        else:
+            _link(path, target)
 
 
 def _link(source: Path, target: Path) -> None:
