@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -116,6 +117,10 @@ def _inputs(question: str, image: bytes, stream: bool = True, max_tokens: int = 
     ]
     if "stop_words" in extra:
         tensors.append(("stop_words", "BYTES", np.array([[w.encode() for w in extra["stop_words"]]], dtype=np.object_)))
+    if "temperature" in extra:
+        tensors.append(("temperature", "FP32", np.array([[extra["temperature"]]], dtype=np.float32)))
+    if "random_seed" in extra:
+        tensors.append(("random_seed", "UINT64", np.array([[extra["random_seed"]]], dtype=np.uint64)))
     inputs = []
     for name, dtype, array in tensors:
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)
@@ -187,6 +192,41 @@ def test_four_concurrent_streams_all_get_the_right_answer(server, reference):
     for thread in threads:
         thread.join(180)
     assert results == {i: (pieces, None) for i in range(4)}
+
+
+def test_a_cancelled_stream_stops_its_generation_between_two_tokens(server, reference):
+    """stop_stream(cancel_requests=True) mid-answer: the model sees the request cancelled, ends its
+    generation (it logs how many tokens it made, far fewer than the 300 asked for) and answers the next."""
+    long = {"max_tokens": 300, "temperature": 100.0}  # sampled wildly: some seed runs to max_tokens
+    stream = Stream(server["grpc"])
+    try:
+        seed = next(
+            seed
+            for seed in range(1, 9)
+            if len(stream.ask(QUESTION, IMAGE.read_bytes(), random_seed=seed, **long)[0]) > 250
+        )
+    finally:
+        stream.close()
+    client = grpcclient.InferenceServerClient(server["grpc"])
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer(MODEL, _inputs(QUESTION, IMAGE.read_bytes(), random_seed=seed, **long))
+    result, error = responses.get(timeout=120)
+    assert error is None and result.as_numpy("text_output").size == 1  # the first piece
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+    (triton_log,) = re.findall(r"\(log: (.+tritonserver\.log)\)", server["log"].read_text())
+    deadline, made = time.monotonic() + 60, []
+    while not made and time.monotonic() < deadline:
+        made = re.findall(r"request cancelled by its client after (\d+) tokens", Path(triton_log).read_text())
+        time.sleep(0.2)
+    assert made and int(made[-1]) < 250, made
+    again = Stream(server["grpc"])
+    try:
+        assert again.ask(QUESTION, IMAGE.read_bytes()) == (reference[1], None)
+    finally:
+        again.close()
 
 
 def test_a_bad_request_is_an_error_response_and_the_server_carries_on(server, reference):

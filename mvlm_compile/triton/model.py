@@ -80,6 +80,9 @@ class TritonPythonModel:
         for piece in stream:
             if request.is_cancelled():  # the client went away: free the session at once
                 stream.cancel()
+                pb_utils.Logger.log_info(
+                    f"mvlm-compile: request cancelled by its client after {stream.generation.completion_tokens} tokens"
+                )
                 break
             if streaming:
                 sender.send(_text_response(piece))
