@@ -105,6 +105,25 @@ def default_engines_dir(bundle: Path) -> Path:
     return found[0].parent
 
 
+def open_bundle_backend(
+    path: Path,
+    backend: str,
+    engines: Path | None = None,
+    threads: int = 0,
+    int4_activations: str = "fp32",
+    plugin: Path | None = None,
+    graphs: tuple[str, ...] | None = None,
+):
+    """runtime.backend.open_backend over a bundle or a bare artifacts directory (a context manager);
+    TensorRT's engines default to the bundle's only engines-<target>/."""
+    from mvlm_compile.runtime.backend import open_backend
+
+    bundle, artifacts = resolve_artifacts(Path(path))
+    if backend == "trt" and engines is None:
+        engines = default_engines_dir(bundle)
+    return open_backend(backend, artifacts, engines, threads, int4_activations, plugin, graphs)
+
+
 @dataclass
 class BuildResult:
     bundle: Path  # artifacts/, golden/, plugins/peg/ (+ engines-<target>/ when built)

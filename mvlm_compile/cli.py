@@ -555,13 +555,9 @@ def _open_backend(
     plugin: Path | None = None,
 ):
     """The backend over ARTIFACTS (a bundle or an artifacts directory), as a context manager."""
-    from mvlm_compile.bundle import default_engines_dir
-    from mvlm_compile.runtime.backend import open_backend
+    from mvlm_compile.bundle import open_bundle_backend
 
-    bundle, artifacts = _artifacts_of(path)
-    if backend == "trt" and engines is None:
-        engines = default_engines_dir(bundle)
-    return open_backend(backend, artifacts, engines, threads, int4_activations, plugin)
+    return open_bundle_backend(path, backend, engines, threads, int4_activations, plugin)
 
 
 @cli.command()

@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ class TextStream:
     `cancel()` (from any thread) ends it between two tokens with finish_reason "cancelled" and frees
     the session for the next request; so does `close()` from the thread that iterates."""
 
-    def __init__(self, generation: Generation, pieces: Iterator[str], cancel: threading.Event) -> None:
+    def __init__(self, generation: Generation, pieces: Generator[str, None, None], cancel: threading.Event) -> None:
         self.generation = generation
         self._pieces = pieces
         self._cancel = cancel
@@ -65,7 +65,7 @@ class TextStream:
 
     def close(self) -> None:
         self._cancel.set()
-        self._pieces.close()  # type: ignore[attr-defined]
+        self._pieces.close()
 
 
 class Session:
@@ -91,19 +91,15 @@ class Session:
         `image_embedder`: pixel values [1, 3, 336, 336] -> image embeddings [1, image tokens, hidden],
         run instead of the backend's vision encoder and projector, whose engines are then not loaded
         (Triton's entry model calls its `tensorrt` models there)."""
-        from mvlm_compile.bundle import default_engines_dir, resolve_artifacts
-        from mvlm_compile.runtime.backend import open_backend
+        from mvlm_compile.bundle import open_bundle_backend
 
         if image_cache_size < 0:
             raise MvlmError(f"image_cache_size {image_cache_size}: expected 0 (no cache) or more")
-        bundle_dir, artifacts = resolve_artifacts(Path(bundle))
-        if backend == "trt" and engines is None:
-            engines = default_engines_dir(bundle_dir)
         self._resources = contextlib.ExitStack()
         self.backend = self._resources.enter_context(
-            open_backend(
+            open_bundle_backend(
+                Path(bundle),
                 backend,
-                artifacts,
                 None if engines is None else Path(engines),
                 threads,
                 int4_activations,
@@ -116,7 +112,7 @@ class Session:
         except BaseException:
             self._resources.close()
             raise
-        self.model_id = model_id or str(self.backend.manifest.model.get("recipe") or bundle_dir.name)
+        self.model_id = model_id or str(self.backend.manifest.model.get("recipe") or Path(bundle).name)
         self._lock = threading.Lock()
         self._embeds: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_capacity = image_cache_size
@@ -181,7 +177,7 @@ class Session:
         sampling: Sampling,
         stop: tuple[str, ...],
         cancel: threading.Event,
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         # A generator: the lock is taken at the first piece asked for and given back when the
         # answer ends, is cancelled or closed, so a streamed answer nobody reads holds nothing.
         with self._lock:

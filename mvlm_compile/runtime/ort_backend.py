@@ -53,6 +53,13 @@ def check_threads(threads: int) -> int:
     return threads
 
 
+def check_int4_activations(int4_activations: str) -> str:
+    """One of INT4_ACTIVATIONS' keys."""
+    if int4_activations not in INT4_ACTIVATIONS:
+        raise MvlmError(f"--int4-activations {int4_activations!r}: expected one of {', '.join(INT4_ACTIVATIONS)}")
+    return int4_activations
+
+
 def ort_session(path: Path, threads: int = 0, extra_outputs: Sequence[str] = (), int4_activations: str = "fp32"):
     """A CPU session on `threads` threads (0: ONNX Runtime's default). INT4 MatMulNBits runs with
     `int4_activations` ("fp32" for verification, "int8" for speed; INT4_ACTIVATIONS). A graph with
@@ -126,8 +133,7 @@ class OrtBackend:
     def __init__(
         self, artifacts: Path, manifest: Manifest | None = None, threads: int = 0, int4_activations: str = "fp32"
     ) -> None:
-        if int4_activations not in INT4_ACTIVATIONS:
-            raise MvlmError(f"--int4-activations {int4_activations!r}: expected one of {', '.join(INT4_ACTIVATIONS)}")
+        check_int4_activations(int4_activations)
         check_threads(threads)
         self.artifacts = Path(artifacts)
         self.threads, self.int4_activations = threads, int4_activations

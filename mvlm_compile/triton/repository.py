@@ -5,7 +5,8 @@
         config.pbtxt            inputs named as Triton's TensorRT-LLM models name them
         1/model.py              mvlm_compile/triton/model.py: answers through mvlm_compile.Session
         1/bundle/artifacts/     the bundle's graphs, embedding table, tokenizer and manifest
-        1/bundle/engines/       backend "trt": the decoder engine and its engines.json
+        1/bundle/engines/       backend "trt": the bundle's engines and engines.json (the entry
+                                model's runtime loads the decoder engine alone)
       <name>_vision/            backend "trt": the vision encoder engine as a `tensorrt` model
       <name>_projector/         backend "trt": the projector engine (its PEG plugin: plugins/)
       plugins/                  the PEG plugin library, when the projector engine holds it
@@ -38,7 +39,7 @@ from mvlm_compile.fileio import atomic_output_dir, sha256_file, write_bytes
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
 from mvlm_compile.peg_op import PLUGIN_LIBRARY, PluginLibraryError, find_plugin_library
 from mvlm_compile.runtime.backend import BACKENDS
-from mvlm_compile.runtime.ort_backend import INT4_ACTIVATIONS
+from mvlm_compile.runtime.ort_backend import check_int4_activations, check_threads
 
 KIND = "triton-repository"  # the marker of a directory this command wrote
 MODEL_PY = Path(__file__).with_name("model.py")
@@ -119,10 +120,8 @@ def make_repository(
         raise MvlmError(f"--model-name {model_name!r}: expected letters, digits, '_', '.', '-' (not first)")
     if max_tokens < 1:
         raise MvlmError(f"--max-tokens {max_tokens}: expected 1 or more")
-    if threads < 0:
-        raise MvlmError(f"--threads {threads}: expected 0 (ONNX Runtime's choice) or more")
-    if int4_activations not in INT4_ACTIVATIONS:
-        raise MvlmError(f"--int4-activations {int4_activations!r}: expected one of {', '.join(INT4_ACTIVATIONS)}")
+    check_threads(threads)  # what the entry model's runtime will be given
+    check_int4_activations(int4_activations)
     bundle_dir, artifacts = resolve_artifacts(Path(bundle))
     manifest = load_manifest(artifacts)
     if max_tokens >= int(manifest.model["max_context"]):
