@@ -31,6 +31,7 @@ from mvlm_compile.engine.plan import (
     MemoryPlan,
     check_fits,
     decode_traffic,
+    fit_batch,
     plan_memory,
 )
 from mvlm_compile.engines_record import ENGINES_MANIFEST
@@ -122,6 +123,20 @@ def open_bundle_backend(
     if backend == "trt" and engines is None:
         engines = default_engines_dir(bundle)
     return open_backend(backend, artifacts, engines, threads, int4_activations, plugin, graphs)
+
+
+def planned_batch(path: Path) -> int | None:
+    """The decoder batch the bundle's memory plan chose for its target (bundle.json), if it has one."""
+    record = Path(path) / BUNDLE_RECORD
+    if not record.is_file():
+        return None
+    try:
+        batch = json.loads(record.read_text())["settings"]["batch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{record}: not a readable bundle record (settings.batch)") from None
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ArtifactError(f"{record}: settings.batch {batch!r}, expected a positive integer")
+    return batch
 
 
 @dataclass
@@ -350,6 +365,8 @@ def _build_locked(
     check_recipe_fits_artifacts(recipe, manifest.model, artifacts / MANIFEST_NAME)
     settings = BuildSettings.resolve(recipe, target, int(manifest.model["max_context"]), context, batch)
     geometry = Geometry.from_recipe_and_manifest(recipe, manifest.model)
+    if batch is None:
+        settings = fit_batch(geometry, recipe, target, settings)
     plan = plan_memory(geometry, recipe, target, settings)
     check_fits(plan, target, recipe)
 

@@ -20,6 +20,7 @@ import click
 
 from mvlm_compile import __version__
 from mvlm_compile.errors import EnginesDeferred, InternalError, Interrupted, MvlmError, NumericalFailure
+from mvlm_compile.runtime.scheduler import DEFAULT_PREFILL_CHUNK
 
 EXIT_STATUS_HELP = """Exit status: 0 success; 1 numerical failure (verify); 2 usage or input error;
 3 engines not built here (bundle prepared for the target); 4 internal error (see --debug);
@@ -429,7 +430,15 @@ _plugin_option = click.option(
 @click.option(
     "--context", type=click.IntRange(min=2), default=None, help="Context length (default: target, then recipe)."
 )
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Decoder batch (default: target, then recipe).")
+@click.option(
+    "--max-batch",
+    "--batch",
+    "batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Sequences the decoder engine decodes together, one KV-cache slot each at the full context "
+    "(default: the most, up to 8, that the target's memory plan holds).",
+)
 @click.option(
     "--force",
     is_flag=True,
@@ -534,6 +543,25 @@ def _backend_options(fn):
         help="ONNX Runtime (CPU) or TensorRT engines.",
     )(fn)
     return fn
+
+
+def _batching_options(fn):
+    """--max-batch and --prefill-chunk: the Session's scheduler (runtime/scheduler.py)."""
+    fn = click.option(
+        "--prefill-chunk",
+        type=click.IntRange(min=1),
+        default=DEFAULT_PREFILL_CHUNK,
+        show_default=True,
+        help="Prompt tokens prefilled between two decode steps while a request joins (smaller: shorter "
+        "pauses of the running answers).",
+    )(fn)
+    return click.option(
+        "--max-batch",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Requests decoded together, one KV-cache slot each at the full context (default: the "
+        "engines' batch with TensorRT; the bundle's memory plan with ONNX Runtime, else 4).",
+    )(fn)
 
 
 def _int4_activations_option(fn):
@@ -736,7 +764,8 @@ def run(
     from mvlm_compile.session import Session
 
     picture = load_image(image)  # before the model loads: a bad file fails fast
-    with Session(artifacts, backend, engines, threads, int4_activations, plugin=plugin) as session:
+    # One question: one KV-cache slot.
+    with Session(artifacts, backend, engines, threads, int4_activations, plugin=plugin, max_batch=1) as session:
         options = dict(
             max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ("</s>",)
         )
@@ -766,7 +795,7 @@ def run(
     type=click.IntRange(min=0),
     default=16,
     show_default=True,
-    help="Requests that may wait while one runs; more get 429.",
+    help="Requests that may wait while every slot (--max-batch) is taken; more get 429.",
 )
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=20 * 2**20, show_default=True)
 @click.option("--max-image-bytes", type=click.IntRange(min=1), default=10 * 2**20, show_default=True)
@@ -779,6 +808,7 @@ def run(
     show_default=True,
     help="Images whose embeddings are kept (a repeated image skips the vision encoder).",
 )
+@_batching_options
 @click.option(
     "--drain-timeout",
     type=click.IntRange(min=0),
@@ -934,6 +964,7 @@ def bench(
     show_default=True,
     help="With --serve: the Python the models run in (mvlm-compile installed, numpy < 2; `make` makes it).",
 )
+@_batching_options
 @_json_option
 def triton(
     bundle: Path,
@@ -951,6 +982,8 @@ def triton(
     grpc_port: int,
     metrics_port: int,
     model_python: Path,
+    max_batch: int | None,
+    prefill_chunk: int,
     as_json: bool,
 ) -> None:
     """Write a Triton Inference Server model repository that serves BUNDLE (streamed answers)."""
@@ -970,6 +1003,8 @@ def triton(
         int4_activations,
         _progress("triton"),
         plugin,
+        max_batch,
+        prefill_chunk,
     )
     if as_json:
         _echo_json(repository.to_json())

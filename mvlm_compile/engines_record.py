@@ -167,6 +167,8 @@ class TokenLimits:
     max_prompt: int
     context: int
     source: str
+    max_batch: int = 1  # sequences one decode step takes
+    prefill_after_past: bool = True  # whether a prompt may be prefilled in chunks (engines before batching: no)
 
     def check(
         self, prompt_tokens: int, new_tokens: int, prompt_option: str = "--prompt", new_option: str = "--max-new-tokens"
@@ -185,13 +187,19 @@ class TokenLimits:
 
 
 def decoder_limits(record: dict[str, Any], engines_dir: Path) -> TokenLimits:
-    """From the decoder engine's profiles: the prefill profile's longest sequence (its past is
-    empty) and the decode profile's longest past + 1."""
+    """From the decoder engine's profiles: the prefill profile's longest sequence, the decode
+    profile's longest past + 1 and its largest batch."""
     profiles = record["engines"]["decoder"]["profiles"]
     prefill, decode = profiles[PREFILL_PROFILE], profiles[DECODE_PROFILE]
     max_prompt = int(prefill[contract.DECODER_EMBEDS][2][1])  # [min, opt, max] of [batch, seq, hidden]
-    context = int(decode[contract.past_names(0)[0]][2][0]) + 1  # [past, batch, kv heads, head dim]
+    context = int(decode[contract.past_names(0)[0]][2][0]) + 1  # [past, slots, kv heads, head dim]
+    max_batch = int(decode[contract.DECODER_EMBEDS][2][0])
+    prefill_after_past = int(prefill[contract.past_names(0)[0]][2][0]) > 0
     where = Path(engines_dir) / ENGINES_MANIFEST
     return TokenLimits(
-        max_prompt, context, f"the decoder engine's profiles in {where}; rebuild with a larger --context"
+        max_prompt,
+        context,
+        f"the decoder engine's profiles in {where}; rebuild with a larger --context or --max-batch",
+        max_batch,
+        prefill_after_past,
     )

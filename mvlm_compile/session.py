@@ -7,12 +7,15 @@
         for piece in session.generate("photo.jpg", "And its colour?", stream=True):
             print(piece, end="", flush=True)
 
-A session owns one backend (ONNX Runtime sessions or TensorRT engines) and its one preallocated KV
-cache, so it answers one request at a time: `generate` may be called from any thread, and the
-generations run one after another under the session's lock. Everything a request can get wrong
-(options, prompt length, the image) is checked when `generate` is called, before the request waits
-for the lock. Image embeddings are cached by the SHA-256 of the image's bytes (least recently used
-first out), so a second question about the same image runs no vision encoder or projector.
+A session owns one backend (ONNX Runtime sessions or TensorRT engines) and one preallocated KV cache
+of `max_batch` slots. `generate` may be called from any thread: concurrent requests are decoded
+together, each in its own slot, by the runtime's batch scheduler (runtime/scheduler.py: requests
+join and leave at step boundaries, prompts are prefilled in chunks between decode steps, sampling
+is per request); past `max_batch` they wait for a slot. Everything a request can get wrong
+(options, prompt length, the image) is checked when `generate` is called, and the image is encoded
+then, in the calling thread (one image at a time; the decoder's thread goes on meanwhile). Image
+embeddings are cached by the SHA-256 of the image's content (least recently used first out), shared
+by every request, so a second question about the same image runs no vision encoder or projector.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +34,27 @@ from PIL import Image
 from mvlm_compile.engines_record import TokenLimits
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.runtime.pipeline import Chat, Generation, Pipeline, Sampling
+from mvlm_compile.runtime.scheduler import DEFAULT_PREFILL_CHUNK, BatchScheduler, Request, StepInfo
 
 ImageInput = str | Path | bytes | Image.Image
+
+DEFAULT_MAX_BATCH = 4  # ONNX Runtime on a bare artifacts directory: no memory plan to go by
+
+
+def default_max_batch(bundle: Path, backend: str, limits: TokenLimits) -> int:
+    """TensorRT: the decoder engine's largest batch. ONNX Runtime: the batch the bundle's memory plan
+    chose for its target (bundle.json), else DEFAULT_MAX_BATCH."""
+    from mvlm_compile.bundle import planned_batch
+
+    if backend == "trt":
+        return limits.max_batch
+    return min(limits.max_batch, planned_batch(bundle) or DEFAULT_MAX_BATCH)
+
+
+def check_max_batch(max_batch: int, limits: TokenLimits) -> int:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= limits.max_batch:
+        raise MvlmError(f"--max-batch {max_batch}: expected 1 to {limits.max_batch} ({limits.source})")
+    return max_batch
 
 
 @dataclass(frozen=True)
@@ -46,13 +68,14 @@ class CacheInfo:
 class TextStream:
     """A streamed answer: iterate for its text pieces; `generation` holds the text and the counts so far.
 
-    `cancel()` (from any thread) ends it between two tokens with finish_reason "cancelled" and frees
-    the session for the next request; so does `close()` from the thread that iterates."""
+    The answer is made whether or not it is read (its pieces wait here). `cancel()` (from any thread)
+    ends it at the next step boundary with finish_reason "cancelled" and frees its cache slot at
+    once; so does `close()`."""
 
-    def __init__(self, generation: Generation, pieces: Generator[str, None, None], cancel: threading.Event) -> None:
-        self.generation = generation
-        self._pieces = pieces
-        self._cancel = cancel
+    def __init__(self, request: Request, scheduler: BatchScheduler) -> None:
+        self.generation = request.generation
+        self._request, self._scheduler = request, scheduler
+        self._pieces = request.pieces()
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -61,11 +84,10 @@ class TextStream:
         return next(self._pieces)
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self._scheduler.cancel(self._request)
 
     def close(self) -> None:
-        self._cancel.set()
-        self._pieces.close()
+        self.cancel()
 
 
 class Session:
@@ -82,6 +104,8 @@ class Session:
         model_id: str | None = None,
         plugin: str | Path | None = None,
         image_embedder: Callable[[np.ndarray], np.ndarray] | None = None,
+        max_batch: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         """`bundle`: a bundle or an artifacts directory. `engines`: the TensorRT engines directory
         (default: the bundle's engines-<target>/). `threads`, `int4_activations`: ONNX Runtime's
@@ -90,7 +114,11 @@ class Session:
         installation's build; never one found in the bundle).
         `image_embedder`: pixel values [1, 3, 336, 336] -> image embeddings [1, image tokens, hidden],
         run instead of the backend's vision encoder and projector, whose engines are then not loaded
-        (Triton's entry model calls its `tensorrt` models there)."""
+        (Triton's entry model calls its `tensorrt` models there).
+        `max_batch`: the requests decoded together, one KV-cache slot each at the full context
+        (default: the engines' largest batch with TensorRT; the bundle's memory plan for its target
+        with ONNX Runtime, else 4). `prefill_chunk`: the prompt tokens prefilled between two decode
+        steps (smaller: shorter pauses of the running streams while a request joins)."""
         from mvlm_compile.bundle import open_bundle_backend
 
         if image_cache_size < 0:
@@ -109,11 +137,24 @@ class Session:
         )
         try:
             self._chat = Chat(Pipeline(self.backend))
+            self.max_batch = check_max_batch(
+                default_max_batch(Path(bundle), self.backend.name, self.backend.limits)
+                if max_batch is None
+                else max_batch,
+                self.backend.limits,
+            )
+            self._scheduler = BatchScheduler(
+                self.backend.decoder(self.max_batch),
+                self._chat.pipeline.embed,
+                prefill_chunk,
+                self.backend.limits.prefill_after_past,
+            )
         except BaseException:
             self._resources.close()
             raise
         self.model_id = model_id or str(self.backend.manifest.model.get("recipe") or Path(bundle).name)
-        self._lock = threading.Lock()
+        self._closed = False
+        self._embed_lock = threading.Lock()  # one image encoded at a time; guards the cache
         self._embeds: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_capacity = image_cache_size
         self._hits = self._misses = 0
@@ -142,16 +183,29 @@ class Session:
         """Answer `prompt` about `image` (a file path, encoded bytes or a PIL image). Greedy when
         temperature is 0. Returns the finished Generation (text, token counts, finish_reason), or
         with stream=True a TextStream of text pieces. Raises MvlmError for a bad request."""
+        if self._closed:
+            raise MvlmError("the session is closed: open a new Session to generate")
         sampling = Sampling(temperature, top_p, seed)
         generation = self._chat.prepare(prompt, max_tokens, tuple(stop))
         key, pixel_values = self._image_key(image)
-        cancel = threading.Event()
-        pieces = self._answer(generation, key, pixel_values, max_tokens, sampling, tuple(stop), cancel)
+        prompt_embeds = self._chat.pipeline.splice(generation.prompt_ids, self._image_embeds(key, pixel_values))
+        request = Request(generation, prompt_embeds, self._chat.answer_text(generation, max_tokens, stop), sampling)
+        self._scheduler.submit(request)
+        answer = TextStream(request, self._scheduler)
         if stream:
-            return TextStream(generation, pieces, cancel)
-        for _ in pieces:
+            return answer
+        for _ in answer:
             pass
         return generation
+
+    def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
+        """Call `listener(info)` after every step of the scheduler, on its thread (metrics)."""
+        self._scheduler.listeners.append(listener)
+
+    @property
+    def slots_in_use(self) -> int:
+        """Requests holding a cache slot (decoding, or having their prompt prefilled)."""
+        return self._scheduler.slots_in_use
 
     def _image_key(self, image: ImageInput) -> tuple[str, np.ndarray]:
         """(SHA-256 of the image's content, its pixel values), decoded and checked now."""
@@ -168,42 +222,32 @@ class Session:
             raise MvlmError(f"image: a {type(image).__name__}; expected a file path, encoded bytes or a PIL image")
         return hashlib.sha256(data).hexdigest(), preprocess_image(decode_image(data, what))
 
-    def _answer(
-        self,
-        generation: Generation,
-        key: str,
-        pixel_values: np.ndarray,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: tuple[str, ...],
-        cancel: threading.Event,
-    ) -> Generator[str, None, None]:
-        # A generator: the lock is taken at the first piece asked for and given back when the
-        # answer ends, is cancelled or closed, so a streamed answer nobody reads holds nothing.
-        with self._lock:
-            embeds = self._image_embeds(key, pixel_values)
-            yield from self._chat.answer(generation, embeds, max_tokens, sampling, stop, cancel.is_set)
-
     def _image_embeds(self, key: str, pixel_values: np.ndarray) -> np.ndarray:
-        embeds = self._embeds.get(key)
-        if embeds is not None:
-            self._hits += 1
-            self._embeds.move_to_end(key)
+        with self._embed_lock:
+            embeds = self._embeds.get(key)
+            if embeds is not None:
+                self._hits += 1
+                self._embeds.move_to_end(key)
+                return embeds
+            self._misses += 1
+            embeds = self._embed_image(pixel_values)
+            if self._cache_capacity:
+                self._embeds[key] = embeds
+                if len(self._embeds) > self._cache_capacity:
+                    self._embeds.popitem(last=False)
             return embeds
-        self._misses += 1
-        embeds = self._embed_image(pixel_values)
-        if self._cache_capacity:
-            self._embeds[key] = embeds
-            if len(self._embeds) > self._cache_capacity:
-                self._embeds.popitem(last=False)
-        return embeds
 
     def image_cache_info(self) -> CacheInfo:
         return CacheInfo(self._hits, self._misses, len(self._embeds), self._cache_capacity)
 
     def close(self) -> None:
-        """Release the backend (sessions or engines, the cache, the bundle's reader lock)."""
-        with self._lock:
+        """Cancel what runs or waits, then release the backend (sessions or engines, the cache, the
+        bundle's reader lock)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._scheduler.close()
+        with self._embed_lock:
             self._embeds.clear()
             self._resources.close()
 

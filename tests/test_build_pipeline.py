@@ -104,10 +104,11 @@ def test_the_committed_tiny_bundle_is_what_the_code_makes_now(bundle):
 
 def test_a_configuration_that_does_not_fit_is_refused_with_the_numbers(bundle):
     out, _ = bundle
-    result = CliRunner().invoke(cli, ["build", str(out), "--target", "orin-nano-8gb", "--batch", "4096"])
+    result = CliRunner().invoke(cli, ["build", str(out), "--target", "orin-nano-8gb", "--max-batch", "100000"])
     assert result.exit_code == EXIT_INPUT_ERROR
     assert "error: --target orin-nano-8gb: tiny needs" in result.output
-    assert "KV cache (fp16, batch 4096" in result.output
+    # 100000 slots x 2 x 2 layers x 4 heads x 16 x 2 bytes x 512 positions = 24.4 GiB
+    assert "KV cache (fp16, 100000 slots at context 512, one preallocated) 24.41 GiB" in result.output
 
 
 def test_bundle_or_checkpoint_is_required(tmp_path, tiny_checkpoint):

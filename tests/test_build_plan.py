@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mvlm_compile import contract
-from mvlm_compile.engine.plan import GIB, BuildSettings, Geometry, check_fits, optimization_profiles, plan_memory
+from mvlm_compile.engine.plan import (
+    GIB,
+    MAX_DEFAULT_BATCH,
+    BuildSettings,
+    Geometry,
+    check_fits,
+    fit_batch,
+    optimization_profiles,
+    plan_memory,
+)
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.recipes import load_recipe, load_targets
 
@@ -84,7 +95,8 @@ def test_decoder_profiles_prefill_and_decode():
     _, _, geometry, settings, _ = _plan("mobilevlm-v2-1.7b", "orin-nx-16gb")
     prefill, decode = optimization_profiles(geometry, settings)["decoder"]
     past = contract.past_names(23)[1]
-    assert prefill[past] == [[0, 1, 16, 128]] * 3  # no past in prefill; the sequence axis first
+    # A prompt is prefilled in chunks: after no past (opt) up to context - 1; the sequence axis first.
+    assert prefill[past] == [[0, 1, 16, 128], [0, 1, 16, 128], [settings.context - 1, 1, 16, 128]]
     assert prefill[contract.DECODER_EMBEDS][2] == [1, settings.max_prompt, 2048]
     # The runtime asks for one position's logits; verification for every prompt position.
     assert prefill[contract.DECODER_LOGITS_INDEX] == [[1], [1], [settings.max_prompt]]
@@ -93,6 +105,33 @@ def test_decoder_profiles_prefill_and_decode():
     assert decode[past][2] == [settings.context - 1, 1, 16, 128]
     assert decode[contract.DECODER_LOGITS_INDEX] == [[1]] * 3
     assert settings.max_prompt < settings.context
+
+
+def test_a_batch_profile_decodes_up_to_max_batch_sequences_over_as_many_slots():
+    _, _, geometry, settings, _ = _plan("mobilevlm-v2-1.7b", "orin-nx-16gb", batch=8)
+    prefill, decode = optimization_profiles(geometry, settings)["decoder"]
+    past = contract.past_names(0)[0]
+    assert decode[contract.DECODER_EMBEDS] == [[1, 1, 2048], [8, 1, 2048], [8, 1, 2048]]
+    assert decode[contract.DECODER_POSITIONS] == [[1, 1], [8, 1], [8, 1]]
+    assert [shape[1] for shape in decode[past]] == [1, 8, 8]  # the cache's slots
+    assert prefill[contract.DECODER_EMBEDS][2][0] == 1  # one prompt at a time
+    assert [shape[1] for shape in prefill[past]] == [1, 8, 8]  # a chunk reads its slot's past
+
+
+@pytest.mark.parametrize("target", ["orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nano-8gb"])
+def test_the_default_max_batch_is_the_most_slots_the_memory_plan_holds(target):
+    """Each slot is a sequence's cache at the full context: 2 x 24 layers x 16 x 128 x 2 bytes per
+    token (1.7B). The default is the largest batch up to 8 whose plan fits the target's budget."""
+    recipe, t, geometry, settings, _ = _plan("mobilevlm-v2-1.7b", target)
+    chosen = fit_batch(geometry, recipe, t, settings)
+    plan = plan_memory(geometry, recipe, t, chosen)
+    kv_key = next(k for k in dict(plan.rows) if k.startswith("KV cache"))
+    assert dict(plan.rows)[kv_key] == pytest.approx(chosen.batch * 2 * 24 * 16 * 128 * 2 * chosen.context)
+    assert plan.fits
+    if chosen.batch < MAX_DEFAULT_BATCH:
+        assert not plan_memory(geometry, recipe, t, dataclasses.replace(chosen, batch=chosen.batch + 1)).fits
+    big = fit_batch(geometry, recipe, t, dataclasses.replace(settings, batch=1))
+    assert big == chosen and 1 <= chosen.batch <= 8
 
 
 def test_workspace_is_what_is_left_within_limits():

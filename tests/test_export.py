@@ -73,7 +73,7 @@ def test_manifest_records_graphs_io_and_hashes(tiny_artifacts):
     manifest = load_manifest(tiny_artifacts)
     decoder = manifest.graphs["decoder"]
     assert [i["name"] for i in decoder["inputs"]] == contract.decoder_input_names(2)
-    assert decoder["inputs"][3]["shape"] == ["past", "batch", 4, 16]
+    assert decoder["inputs"][3]["shape"] == ["past", "slots", 4, 16]  # row b reads slot b
     assert decoder["outputs"][1]["shape"] == ["seq", "batch", 4, 16]
     assert [o["name"] for o in decoder["outputs"]] == contract.decoder_output_names(2)
     assert manifest.model["num_layers"] == 2 and manifest.model["recipe"] == "tiny"

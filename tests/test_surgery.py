@@ -365,10 +365,11 @@ def test_clean_ups_fold_constants_and_identity_casts_but_keep_rmsnorm(optimized,
         assert not _nodes(out / f"{name}.onnx", "Constant")
         assert _record(report, name, "fold_constants").nodes[1] < _record(report, name, "fold_constants").nodes[0]
     # FP32 export: the float->float casts of the RMSNorms (2 per norm: 10), of the FP32 softmax (2 per
-    # layer: 4) and of RoPE's cos/sin (2), and the int/bool no-op casts left after folding (4) go
+    # layer: 4) and of RoPE's cos/sin (2), and the int/bool no-op casts left after folding (4, and 3 of
+    # the past's mask: where it is made and in each layer) go
     assert (
         _record(report, "decoder", "remove_identity_casts").detail
-        == "removed 20 Casts to the type their input already has"
+        == "removed 23 Casts to the type their input already has"
     )
     assert _record(report, "decoder", "rmsnorm_check").detail == "5 RMSNorm chains intact"
     for op in ("Pow", "ReduceMean", "Sqrt"):

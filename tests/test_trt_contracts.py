@@ -99,7 +99,7 @@ def _fake_engines_dir(tmp_path: Path, context: int | None = None, builder: dict 
     """An engines.json as the engine stage writes it for the tiny model (no engine files)."""
     bundle = load_manifest(TINY_BUNDLE / "artifacts")
     recipe, target = load_recipe("tiny"), load_target("orin-nx-16gb")
-    settings = BuildSettings.resolve(recipe, target, int(bundle.model["max_context"]), context=context)
+    settings = BuildSettings.resolve(recipe, target, int(bundle.model["max_context"]), context=context, batch=4)
     profiles = optimization_profiles(Geometry.from_recipe_and_manifest(recipe, bundle.model), settings)
     record = {
         "builder": builder or {"flavour": "tensorrt", "version": "10.3.0", "sm": 87, "compute_capability": "8.7"},
@@ -118,6 +118,7 @@ def test_limits_come_from_the_decoder_profiles(tmp_path):
     record = json.loads((engines_dir / ENGINES_MANIFEST).read_text())
     limits = decoder_limits(record, engines_dir)
     assert (limits.max_prompt, limits.context) == (255, 256)  # BuildSettings: max_prompt = min(384, context - 1)
+    assert limits.max_batch == 4 and limits.prefill_after_past  # the decode profile's batch; chunks after a past
     limits.check(250, 6)
     with pytest.raises(MvlmError, match=r"--prompt: 250 prompt tokens \(with the image\) \+ --max-new-tokens 7 exceed"):
         limits.check(250, 7)
@@ -126,7 +127,6 @@ def test_limits_come_from_the_decoder_profiles(tmp_path):
 def test_a_prompt_that_fits_the_model_but_not_the_engine_is_a_usage_error(tmp_path):
     """The tiny model's context is 512; its engines take prompts of at most 384 tokens (recipe
     max_prompt). Checked before any decoder call, so TensorRT never sees the shape."""
-    from mvlm_compile.model.preprocess import load_image, preprocess_image
     from mvlm_compile.runtime.ort_backend import OrtBackend
     from mvlm_compile.runtime.pipeline import Chat, Pipeline
 
@@ -142,9 +142,8 @@ def test_a_prompt_that_fits_the_model_but_not_the_engine_is_a_usage_error(tmp_pa
         assert tokens + 4 <= model_context  # fits the model
         calls = []
         backend.run = lambda graph, feed: calls.append(graph)  # nothing may run
-        pixels = preprocess_image(load_image(GOLDEN_TINY / "image.png"))
         with pytest.raises(MvlmError) as err:
-            chat.generate(pixels, "word " * words, max_new_tokens=4)
+            chat.prepare("word " * words, 4, ())
     assert err.value.exit_code == EXIT_INPUT_ERROR and calls == []
     assert f"--prompt: {tokens} prompt tokens (with the image) exceed the longest prompt of 384" in str(err.value)
     assert "engines.json" in str(err.value)

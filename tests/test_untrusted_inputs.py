@@ -123,12 +123,12 @@ def test_a_yaml_parse_error_is_one_line_with_its_position(tmp_path):
 
 
 def test_a_library_message_over_several_lines_is_shown_on_one(tiny_artifacts, monkeypatch):
-    from mvlm_compile.runtime import pipeline
+    from mvlm_compile.runtime import kv_cache
 
     def broken(*args, **kwargs):
         raise RuntimeError("first line\n  second line\n\nthird")
 
-    monkeypatch.setattr(pipeline.Chat, "answer", broken)
+    monkeypatch.setattr(kv_cache.DecoderLoop, "step", broken)  # raised on the scheduler's thread
     result = _cli("run", tiny_artifacts, "--image", GOLDEN_TINY / "image.png", "--prompt", "What?")
     line = _assert_error_is_the_last_and_only_error_line(result)
     assert "RuntimeError: first line second line third (at" in line

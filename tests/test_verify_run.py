@@ -97,15 +97,16 @@ def test_run_refuses_a_prompt_longer_than_the_context(tiny_artifacts, tmp_path):
 
 
 def test_sampling_is_reproducible_and_differs_from_greedy(tiny_artifacts):
-    from mvlm_compile.model.preprocess import golden_image, preprocess_image
-    from mvlm_compile.runtime.ort_backend import OrtBackend
-    from mvlm_compile.runtime.pipeline import Chat, Pipeline, Sampling
+    from mvlm_compile import Session
+    from mvlm_compile.model.preprocess import golden_image
 
-    chat = Chat(Pipeline(OrtBackend(tiny_artifacts)))
-    pixels = preprocess_image(golden_image())
-    sampled = [chat.generate(pixels, "Describe it.", 16, Sampling(1.0, 0.95, seed=3)) for _ in range(2)]
-    assert sampled[0] == sampled[1]
-    assert sampled[0] != chat.generate(pixels, "Describe it.", 16)
+    with Session(tiny_artifacts) as session:
+        image = golden_image()
+        sampled = [
+            session.generate(image, "Describe it.", 16, temperature=1.0, top_p=0.95, seed=3).text for _ in range(2)
+        ]
+        assert sampled[0] == sampled[1]
+        assert sampled[0] != session.generate(image, "Describe it.", 16).text
 
 
 def test_bench_reports_every_stage(tiny_artifacts, tmp_path):

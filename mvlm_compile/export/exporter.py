@@ -117,7 +117,7 @@ def export_artifacts(
         }
     )
     layers = cfg.num_layers
-    kv_shape = (2, 1, cfg.num_kv_heads, cfg.head_dim)  # contract.past_names: [past, batch, kv_heads, head_dim]
+    kv_shape = (2, 4, cfg.num_kv_heads, cfg.head_dim)  # contract.past_names: [past, slots, kv_heads, head_dim]
     batch = {0: "batch"}
     decoder_dynamic = {
         contract.DECODER_EMBEDS: {0: "batch", 1: "seq"},
@@ -126,7 +126,7 @@ def export_artifacts(
         contract.DECODER_LOGITS: {0: "batch", 1: "n"},
     }
     for i in range(layers):
-        decoder_dynamic.update({name: {0: "past", 1: "batch"} for name in contract.past_names(i)})
+        decoder_dynamic.update({name: {0: "past", 1: "slots"} for name in contract.past_names(i)})
         decoder_dynamic.update({name: {0: "seq", 1: "batch"} for name in contract.new_kv_names(i)})
 
     started = time.perf_counter()
@@ -150,7 +150,8 @@ def export_artifacts(
             {contract.PROJECTOR_INPUT: batch, contract.PROJECTOR_OUTPUT: batch},
         )
         progress("exporting decoder.onnx")
-        # Example shapes with past = 2, seq = 3, two logits: every axis distinct so the tracer keeps them symbolic.
+        # Example shapes with batch = 1, past = 2, seq = 3, two logits, 4 slots: every axis distinct so the
+        # tracer keeps them symbolic (more slots than rows keeps the rows' slice of the past).
         _export(
             Decoder(model).eval(),
             (

@@ -32,7 +32,7 @@ class Backend(Protocol):
 
     def input_dtype(self, graph: str, name: str) -> type: ...
 
-    def decoder(self) -> DecoderLoop: ...  # the decoder over the backend's preallocated cache
+    def decoder(self, slots: int = 1) -> DecoderLoop: ...  # the decoder over the backend's preallocated cache
 
     def close(self) -> None: ...
 

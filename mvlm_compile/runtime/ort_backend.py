@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 
 from mvlm_compile.engines_record import TokenLimits
-from mvlm_compile.errors import ArtifactError, MvlmError
+from mvlm_compile.errors import ArtifactError, InternalError, MvlmError
 from mvlm_compile.fileio import directory_lock
 from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
-from mvlm_compile.runtime.kv_cache import ADDRESS_ALIGNMENT, Binding, DecoderLoop, DecoderPlan
+from mvlm_compile.runtime.kv_cache import ADDRESS_ALIGNMENT, Binding, Copy2D, DecoderLoop, DecoderPlan
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -31,6 +31,10 @@ INT4_ACTIVATIONS = {"fp32": "0", "int8": "4"}
 # threads and 16.5 GB before the first run, and a process that ignored SIGTERM for minutes.
 # More threads than a few per core only slows it down, so more than this is a usage error.
 THREADS_PER_CORE = 4
+
+# The most sequences one ONNX Runtime decoder step takes (a sanity bound on --max-batch: on a CPU
+# the INT4 kernel's gain flattens out by 8 rows).
+MAX_SLOTS = 64
 
 
 def usable_cores() -> int:
@@ -98,10 +102,18 @@ class OrtExecutor:
         self._blocks: list[np.ndarray] = []
 
     def allocate(self, nbytes: int) -> int:
-        block = np.empty(nbytes + ADDRESS_ALIGNMENT, np.uint8)  # untouched pages cost no memory until used
+        block = np.zeros(nbytes + ADDRESS_ALIGNMENT, np.uint8)  # calloc: untouched pages cost no memory until used
         self._blocks.append(block)
         address = block.ctypes.data
         return address + (-address) % ADDRESS_ALIGNMENT
+
+    def _rows(self, address: int, pitch: int, width: int, height: int) -> np.ndarray:
+        """A [height, width] byte view of the block that holds `address`, rows `pitch` apart."""
+        for block in self._blocks:
+            offset = address - block.ctypes.data
+            if 0 <= offset and offset + (height - 1) * pitch + width <= block.size:
+                return np.lib.stride_tricks.as_strided(block[offset:], (height, width), (pitch, 1))
+        raise InternalError(f"rows at {address:#x} are outside this executor's blocks")
 
     def write(self, address: int, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
@@ -114,6 +126,10 @@ class OrtExecutor:
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         ctypes.memmove(dst, src, nbytes)
+
+    def copy_2d(self, copies: Sequence[Copy2D]) -> None:
+        for c in copies:
+            self._rows(c.dst, c.dst_pitch, c.width, c.height)[...] = self._rows(c.src, c.src_pitch, c.width, c.height)
 
     def execute(self, profile: int, inputs: dict[str, Binding], outputs: dict[str, Binding]) -> None:
         del profile  # ONNX Runtime has no optimisation profiles
@@ -146,8 +162,11 @@ class OrtBackend:
             self._lock.close()
             raise
         context = int(self.manifest.model["max_context"])
-        # No profiles here: one prefill may take the whole context.
-        self.limits = TokenLimits(context, context, f"the model's context in {self.artifacts / MANIFEST_NAME}")
+        # No profiles here: one prefill may take the whole context, a step any number of sequences
+        # the host's memory holds (DecoderPlan checks the cache against it).
+        self.limits = TokenLimits(
+            context, context, f"the model's context in {self.artifacts / MANIFEST_NAME}", max_batch=MAX_SLOTS
+        )
         self._sessions: dict = {}
         self._decoder: DecoderLoop | None = None
 
@@ -167,10 +186,12 @@ class OrtBackend:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, cast)))
 
-    def decoder(self) -> DecoderLoop:
-        """The decoder loop over one preallocated cache of the model's context (made on first use)."""
-        if self._decoder is None:
-            plan = DecoderPlan.from_manifest(self.manifest, self.limits)
+    def decoder(self, slots: int = 1) -> DecoderLoop:
+        """The decoder loop over one preallocated cache of `slots` sequences at the model's context
+        (made on first use, and again for another number of slots)."""
+        if self._decoder is None or self._decoder.plan.slots != slots:
+            self._decoder = None  # the old block goes before the new one is allocated
+            plan = DecoderPlan.from_manifest(self.manifest, self.limits, slots)
             self._decoder = DecoderLoop(OrtExecutor(self._session("decoder")), plan)
         return self._decoder
 

@@ -3,9 +3,11 @@
 It drives TensorRT itself (the TensorRT 10 API: set_input_shape, set_tensor_address,
 execute_async_v3), with one execution context per engine, so one activation block each. The
 decoder loop is runtime/kv_cache.py's, the one the ONNX Runtime backend runs in CI: its block
-(the KV cache of the engine's context, the prompt embeddings, positions, one row of logits) is
-allocated on the device once; each step uploads the new token's embedding, binds the past as a
-prefix of the cache and the new rows at their offset, and copies back one row of logits.
+(the KV cache of N slots at the engine's context, the prompt embeddings, positions, a row of
+logits per slot) is allocated on the device once and zeroed; each step uploads the new tokens'
+embeddings, binds the past as a view of the cache and the new rows at their offset (or staged and
+moved to each sequence's offset with cudaMemcpy2DAsync, a row per layer, device to device), and
+copies back one row of logits per sequence. The cache never goes through the host.
 
 `run(graph, feed)` (vision, projector, verification's decoder calls on golden inputs) copies its
 inputs in and its outputs out: fresh host arrays, never views of a buffer a later call reuses. Every
@@ -15,6 +17,7 @@ Device memory and the stream are Polygraphy's `polygraphy.cuda` (a core dependen
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from mvlm_compile.peg_op import chosen_plugin_library
 from mvlm_compile.runtime.kv_cache import (
     ADDRESS_ALIGNMENT,
     Binding,
+    Copy2D,
     DecoderLoop,
     DecoderPlan,
     align,
@@ -129,6 +133,13 @@ class TrtExecutor:
     def allocate(self, nbytes: int) -> int:
         array = self.cuda.DeviceArray.raw((nbytes,))
         self._arrays.append(array)
+        wrapper = self.cuda.wrapper()
+        ptr = ctypes.c_void_p
+        wrapper.check(
+            wrapper.handle.cudaMemsetAsync(
+                ptr(array.ptr), ctypes.c_int(0), ctypes.c_size_t(nbytes), ptr(self.stream.ptr)
+            )
+        )
         return array.ptr
 
     def _memcpy(self, dst: int, src: int, nbytes: int, kind: Any) -> None:
@@ -147,6 +158,22 @@ class TrtExecutor:
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         self._memcpy(dst, src, nbytes, self.cuda.MemcpyKind.DeviceToDevice)
+
+    def copy_2d(self, copies: Sequence[Copy2D]) -> None:
+        wrapper, void_ptr, size = self.cuda.wrapper(), ctypes.c_void_p, ctypes.c_size_t
+        for c in copies:
+            wrapper.check(
+                wrapper.handle.cudaMemcpy2DAsync(
+                    void_ptr(c.dst),
+                    size(c.dst_pitch),
+                    void_ptr(c.src),
+                    size(c.src_pitch),
+                    size(c.width),
+                    size(c.height),
+                    self.cuda.MemcpyKind.DeviceToDevice,
+                    void_ptr(self.stream.ptr),
+                )
+            )
 
     def execute(self, profile: int, inputs: dict[str, Binding], outputs: dict[str, Binding]) -> None:
         self.engine.execute(profile, inputs, outputs)
@@ -226,11 +253,17 @@ class TrtBackend:
     def input_dtype(self, graph: str, name: str) -> type:
         return self.manifest.input_dtype(graph, name)
 
-    def decoder(self) -> DecoderLoop:
-        """The decoder loop over one device block sized by the engine's profiles (made on first use)."""
-        if self._decoder is None:
+    def decoder(self, slots: int = 1) -> DecoderLoop:
+        """The decoder loop over one device block of `slots` sequences sized by the engine's profiles
+        (made on first use, and again for another number of slots)."""
+        if self._decoder is None or self._decoder.plan.slots != slots:
+            plan = DecoderPlan.from_manifest(self.manifest, self.limits, slots)
+            self._decoder = None
+            if self._executor is not None:
+                self._stream.synchronize()
+                self._executor.free()
             self._executor = TrtExecutor(self._engines["decoder"])
-            self._decoder = DecoderLoop(self._executor, DecoderPlan.from_manifest(self.manifest, self.limits))
+            self._decoder = DecoderLoop(self._executor, plan)
         return self._decoder
 
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -241,10 +274,8 @@ class TrtBackend:
         cast = {name: np.ascontiguousarray(feed[name], dtype=self.input_dtype(graph, name)) for name in engine.inputs}
         profile = 0
         if graph == "decoder":
-            past_axis = contract.KV_SEQ_AXIS
-            profile = choose_profile(
-                cast[contract.past_names(0)[0]].shape[past_axis], cast[contract.DECODER_EMBEDS].shape[1]
-            )
+            rows, seq = cast[contract.DECODER_EMBEDS].shape[:2]
+            profile = choose_profile(rows, seq, cast[contract.past_names(0)[0]].shape[contract.KV_SEQ_AXIS])
         engine.set_shapes(profile, {name: a.shape for name, a in cast.items()})
         outputs_host = {name: np.empty(shape, dtype) for name, (shape, dtype) in engine.output_shapes().items()}
         block = cuda.DeviceArray.raw((max(ADDRESS_ALIGNMENT, block_bytes([*cast.values(), *outputs_host.values()])),))

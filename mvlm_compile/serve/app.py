@@ -35,6 +35,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mvlm_compile.errors import MvlmError
+from mvlm_compile.runtime.scheduler import DEFAULT_PREFILL_CHUNK
 from mvlm_compile.serve.errors import APIError, from_session_error
 from mvlm_compile.serve.images import image_bytes
 from mvlm_compile.serve.metrics import Metrics
@@ -67,6 +68,8 @@ class ServeOptions:
     threads: int = 0
     int4_activations: str = "int8"
     image_cache_size: int = 32
+    max_batch: int | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     model_name: str | None = None
     api_key: str | None = None
     host: str = "127.0.0.1"
@@ -107,6 +110,7 @@ class _State:
                 self._on_load_failure(e)
             return
         self.model_name = self.model_name or self.session.model_id
+        self.worker.attach(self.session)
         if self.status == "loading":  # not when a stop began meanwhile
             self.status = "ready"
             self.metrics.ready.set(1)
@@ -117,7 +121,15 @@ class _State:
 
         o = self.options
         session = Session(
-            o.bundle, o.backend, o.engines, o.threads, o.int4_activations, o.image_cache_size, plugin=o.plugin
+            o.bundle,
+            o.backend,
+            o.engines,
+            o.threads,
+            o.int4_activations,
+            o.image_cache_size,
+            plugin=o.plugin,
+            max_batch=o.max_batch,
+            prefill_chunk=o.prefill_chunk,
         )
         try:
             # One short answer: the first run of each graph (allocations, TensorRT's lazy setup) is slow.

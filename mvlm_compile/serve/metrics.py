@@ -13,9 +13,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+from mvlm_compile.runtime.scheduler import StepInfo
+
 # Latencies of the tiny model on a CPU up to a 7B model's first token on an Orin NX.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class Metrics:
@@ -57,8 +60,35 @@ class Metrics:
         self.queue_depth = Gauge(
             "mvlm_queue_depth", "Requests admitted and waiting for the engine.", registry=self.registry
         )
-        self.running = Gauge("mvlm_requests_running", "Generations on the engine (0 or 1).", registry=self.registry)
+        self.running = Gauge(
+            "mvlm_requests_running",
+            "Generations holding a KV-cache slot (decoding or prefilling).",
+            registry=self.registry,
+        )
+        self.slots = Gauge("mvlm_slots", "KV-cache slots: requests decoded together at most.", registry=self.registry)
+        self.batch_size = Histogram(
+            "mvlm_decode_batch_size",
+            "Sequences advanced together by each decode step.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "mvlm_step_seconds",
+            "One turn of the scheduler: a prompt chunk and/or a decode step (the longest gap between two tokens).",
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.prefill_tokens = Counter(
+            "mvlm_prefill_tokens", "Prompt tokens prefilled, in chunks between decode steps.", registry=self.registry
+        )
         self.ready = Gauge("mvlm_ready", "1 once the model is loaded and warmed up.", registry=self.registry)
+
+    def observe_step(self, step: StepInfo) -> None:
+        """The scheduler's report of one step (on its thread)."""
+        if step.decode_rows:
+            self.batch_size.observe(step.decode_rows)
+        self.prefill_tokens.inc(step.prefill_tokens)
+        self.step_seconds.observe(step.seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,12 +1,12 @@
-"""The bounded queue in front of the session and the one thread that runs its generations.
+"""The bounded queue in front of the session, and the threads that carry its answers to the event loop.
 
-A session holds one KV cache and answers one request at a time, so generations run one after
-another on a single worker thread (never on the event loop). A request is admitted while fewer
-than `max_queue` others wait besides the one running; past that it is refused at once (429), so
-a burst of clients costs memory for at most max_queue + 1 requests. The worker hands each text
-piece to the request's event loop as it is made. `Job.cancel()` (the client hung up, or the server
-is stopping) ends the generation between two tokens, or skips it if it has not started, and the
-next request runs at once.
+The session decodes up to `max_batch` requests together (its scheduler, runtime/scheduler.py, owns
+every step); the rest wait for a slot. A request is admitted while fewer than `max_queue` others
+wait beyond the slots; past that it is refused at once (429), so a burst of clients costs memory
+for at most max_batch + max_queue requests. Each admitted request has a thread here (never the
+event loop) that hands its text pieces to the request's event loop as the scheduler makes them.
+`Job.cancel()` (the client hung up, or the server is stopping) ends the generation at the next
+step boundary, freeing its slot at once, or skips it if it has not started.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from mvlm_compile.runtime.pipeline import Generation
 from mvlm_compile.serve.errors import APIError
 from mvlm_compile.serve.metrics import Metrics
-from mvlm_compile.session import TextStream
+from mvlm_compile.session import Session, TextStream
 
 log = logging.getLogger("mvlm_compile.serve")
 
@@ -74,18 +74,27 @@ class Job:
 
 class Worker:
     def __init__(self, metrics: Metrics, max_queue: int) -> None:
-        self.metrics = metrics
-        self.capacity = max_queue + 1  # the waiting ones and the one running
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mvlm-generate")
+        self.metrics, self.max_queue = metrics, max_queue
+        self.capacity = max_queue + 1  # until a session is attached: the waiting ones and one running
+        self._executor: ThreadPoolExecutor | None = None
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mvlm-load")
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()  # admitted and not yet ended
-        self._running: Job | None = None
-        metrics.queue_depth.set_function(lambda: len(self._jobs) - (self._running is not None))
-        metrics.running.set_function(lambda: int(self._running is not None))
+        self._slots_in_use: Callable[[], int] = lambda: 0
+        metrics.queue_depth.set_function(lambda: max(0, len(self._jobs) - self._slots_in_use()))
+        metrics.running.set_function(lambda: self._slots_in_use())
 
     def run_blocking(self, fn: Callable[[], Any]) -> asyncio.Future:
-        """Run `fn` on the generation thread (loading and warming up the session)."""
-        return asyncio.wrap_future(self._executor.submit(fn))
+        """Run `fn` on a thread of its own (loading and warming up the session)."""
+        return asyncio.wrap_future(self._loader.submit(fn))
+
+    def attach(self, session: Session) -> None:
+        """Size the queue to the loaded session's slots, and show its steps in the metrics."""
+        self.capacity = session.max_batch + self.max_queue
+        self._executor = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="mvlm-generate")
+        self._slots_in_use = lambda: session.slots_in_use
+        self.metrics.slots.set(session.max_batch)
+        session.add_step_listener(self.metrics.observe_step)
 
     def admit(self) -> Job:
         """A place in the queue, or a 429 when max_queue requests already wait."""
@@ -94,8 +103,8 @@ class Worker:
             if len(self._jobs) >= self.capacity:
                 raise APIError(
                     429,
-                    f"the server is busy: {self.capacity - 1} requests already wait for the model (--max-queue); "
-                    "retry later",
+                    f"the server is busy: every slot is taken and {self.max_queue} requests already wait "
+                    "(--max-batch, --max-queue); retry later",
                     code="queue_full",
                     headers={"Retry-After": "1"},
                 )
@@ -107,6 +116,7 @@ class Worker:
             self._jobs.discard(job)
 
     def submit(self, job: Job) -> None:
+        assert self._executor is not None, "requests are admitted once the session is attached"
         self._executor.submit(self._generate, job)
 
     def _generate(self, job: Job) -> None:
@@ -119,8 +129,6 @@ class Worker:
             if job.cancelled.is_set():  # hung up while waiting: the engine never sees it
                 generation.finish_reason = "cancelled"
                 return
-            with self._lock:
-                self._running = job
             ran = True
             try:
                 for piece in stream:
@@ -135,8 +143,6 @@ class Worker:
             job.error = e
             generation.finish_reason = "error"
         finally:
-            with self._lock:
-                self._running = None
             self._account(generation, ran, first_at)
             job.release()
             job.emit(_END)
@@ -157,6 +163,8 @@ class Worker:
             job.cancel()
 
     def shutdown(self) -> None:
-        """Cancel what is queued or running and wait for the thread (at most one token's time)."""
+        """Cancel what is queued or running and wait for the threads (at most one step's time)."""
         self.cancel_all()
-        self._executor.shutdown(wait=True)
+        self._loader.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)

@@ -166,7 +166,7 @@ def optimize_artifacts(
     with directory_lock(artifacts_dir):  # the only writer of these graphs
         manifest = load_manifest(artifacts_dir)
         # A prefill as the runtime runs it: empty past, logits of the last position only.
-        dims = {"batch": 1, "seq": decoder_seq, "past": 0, "n": 1}
+        dims = {"batch": 1, "seq": decoder_seq, "past": 0, "slots": 1, "n": 1}
         report = OptimizeReport(artifacts_dir, dims)
         started = time.perf_counter()
         graphs_record = {}

@@ -7,13 +7,16 @@ mvlm-compile installed; it needs only the runtime's dependencies (no torch).
 Decoupled: each request gets one response per text piece (input `stream` true) or one with the
 whole answer, then an empty response flagged final. A bad request (not an image, an empty
 prompt, options out of range, a prompt beyond the context) gets one error response; the model
-and the server carry on. Each instance owns one mvlm_compile.Session (one KV cache), so it
-answers its requests one after another; `--instances N` runs N of them side by side.
+and the server carry on. Each instance owns one mvlm_compile.Session, whose scheduler decodes its
+concurrent requests together (one KV-cache slot each, `max_batch` of them): `execute` hands each
+request to a thread of its own and returns, as decoupled models may, so requests that arrive
+while others are answered join them at the next step.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 from mvlm_compile import Session
 from mvlm_compile.errors import MvlmError
+from mvlm_compile.runtime.scheduler import DEFAULT_PREFILL_CHUNK
 
 
 class TritonPythonModel:
@@ -38,26 +42,29 @@ class TritonPythonModel:
             threads=int(parameters.get("threads", "0")),
             int4_activations=parameters.get("int4_activations", "int8"),
             image_embedder=embedder,
+            max_batch=int(parameters["max_batch"]) if parameters.get("max_batch") else None,
+            prefill_chunk=int(parameters.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)),
         )
         self.max_tokens = int(parameters["max_tokens"])
+        # A thread per request being answered: the slots, and one more encoding the next image.
+        self.answering = ThreadPoolExecutor(self.session.max_batch + 1, thread_name_prefix="mvlm-triton")
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            sender = request.get_response_sender()
-            try:
-                self._answer(request, sender)
-            except MvlmError as e:
-                error = pb_utils.TritonError(f"bad request: {e.format_message()}")
-                sender.send(
-                    pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-                )
-            except Exception as e:  # a bug of ours: this request fails, the next ones are still answered
-                pb_utils.Logger.log_error(f"mvlm-compile: internal error: {type(e).__name__}: {e}")
-                error = pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}")
-                sender.send(
-                    pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-                )
+            self.answering.submit(self._respond, request)
         return None
+
+    def _respond(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            self._answer(request, sender)
+        except MvlmError as e:
+            error = pb_utils.TritonError(f"bad request: {e.format_message()}")
+            sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as e:  # a bug of ours: this request fails, the next ones are still answered
+            pb_utils.Logger.log_error(f"mvlm-compile: internal error: {type(e).__name__}: {e}")
+            error = pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}")
+            sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _answer(self, request, sender) -> None:
         text = _text(_scalar(request, "text_input"), "text_input")
@@ -78,7 +85,7 @@ class TritonPythonModel:
         streaming = bool(_scalar(request, "stream", False))
         pieces = []
         for piece in stream:
-            if request.is_cancelled():  # the client went away: free the session at once
+            if request.is_cancelled():  # the client went away: free its slot at once
                 stream.cancel()
                 pb_utils.Logger.log_info(
                     f"mvlm-compile: request cancelled by its client after {stream.generation.completion_tokens} tokens"
@@ -93,7 +100,8 @@ class TritonPythonModel:
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self) -> None:
-        self.session.close()
+        self.session.close()  # cancels what is answered: its threads end at the next piece
+        self.answering.shutdown(wait=True)
 
 
 class BlsImageEmbedder:

@@ -40,6 +40,7 @@ from mvlm_compile.manifest import MANIFEST_NAME, Manifest, load_manifest
 from mvlm_compile.peg_op import PLUGIN_LIBRARY, PluginLibraryError, find_plugin_library
 from mvlm_compile.runtime.backend import BACKENDS
 from mvlm_compile.runtime.ort_backend import check_int4_activations, check_threads
+from mvlm_compile.runtime.scheduler import DEFAULT_PREFILL_CHUNK
 
 KIND = "triton-repository"  # the marker of a directory this command wrote
 MODEL_PY = Path(__file__).with_name("model.py")
@@ -108,10 +109,13 @@ def make_repository(
     int4_activations: str = "int8",
     progress: Progress = lambda msg: None,
     plugin: Path | None = None,
+    max_batch: int | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> TritonRepository:
     """Write the model repository `out` for `bundle` (a bundle or an artifacts directory). `plugin`:
     the PEG plugin library the user chose (--plugin; else $MVLM_PEG_PLUGIN or this installation's
-    build, never one found in the bundle), copied into the repository when the projector holds it."""
+    build, never one found in the bundle), copied into the repository when the projector holds it.
+    `max_batch`, `prefill_chunk`: the entry model's Session (requests decoded together; see Session)."""
     if backend not in BACKENDS:
         raise MvlmError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if instances < 1:
@@ -120,6 +124,10 @@ def make_repository(
         raise MvlmError(f"--model-name {model_name!r}: expected letters, digits, '_', '.', '-' (not first)")
     if max_tokens < 1:
         raise MvlmError(f"--max-tokens {max_tokens}: expected 1 or more")
+    if max_batch is not None and max_batch < 1:
+        raise MvlmError(f"--max-batch {max_batch}: expected 1 or more")
+    if prefill_chunk < 1:
+        raise MvlmError(f"--prefill-chunk {prefill_chunk}: expected 1 or more")
     check_threads(threads)  # what the entry model's runtime will be given
     check_int4_activations(int4_activations)
     bundle_dir, artifacts = resolve_artifacts(Path(bundle))
@@ -145,6 +153,8 @@ def make_repository(
             "max_tokens": str(max_tokens),
             "threads": str(threads),
             "int4_activations": int4_activations,
+            "max_batch": "" if max_batch is None else str(max_batch),  # "": the Session's default
+            "prefill_chunk": str(prefill_chunk),
         }
         models, repository_plugin = [model_name], None
         if record is not None and engines_dir is not None:
