@@ -57,6 +57,13 @@ def recipe_geometry(recipe: Recipe) -> Geometry:
     return Geometry.from_recipe_and_manifest(recipe, model)
 
 
+def lm_head_precision(recipe: Recipe) -> str:
+    """How the quantizer stores lm_head for `recipe`: kept out of INT4 (keep_fp16) as exported, fp16,
+    or weight-only int8 when the recipe says `lm_head: int8`; else int4 like the other linears."""
+    decoder = recipe.precision["decoder"]
+    return decoder.get("lm_head", "fp16") if "lm_head" in decoder.get("keep_fp16", []) else "int4"
+
+
 def decoder_weight_bytes(recipe: Recipe) -> dict[str, int]:
     """Bytes of the quantized decoder graph's weights by kind, as mvlm_compile.quantize writes them
     for `recipe` (weight-only INT4 linears): the codes two per byte, one scale per group of inputs
@@ -73,7 +80,7 @@ def decoder_weight_bytes(recipe: Recipe) -> dict[str, int]:
     shapes = [(g.hidden, g.hidden), (g.hidden, kv), (g.hidden, kv), (g.hidden, g.hidden)]
     shapes += [(g.hidden, g.mlp), (g.hidden, g.mlp), (g.mlp, g.hidden)]
     params = g.layers * sum(k * n for k, n in shapes)
-    lm_head = decoder.get("lm_head", "fp16") if "lm_head" in decoder.get("keep_fp16", []) else "int4"
+    lm_head = lm_head_precision(recipe)
     if lm_head == "int4":
         params += g.hidden * g.vocab
         lm_head_bytes = 0
@@ -86,8 +93,8 @@ def decoder_weight_bytes(recipe: Recipe) -> dict[str, int]:
         vectors += g.layers * g.hidden
     return {
         "int4_codes": params // 2,
-        f"scales_{'fp16' if act == FP16 else 'fp32'}_group_{group}": params // group * act,
-        f"lm_head_{lm_head}": lm_head_bytes,
+        "scales": params // group * act,
+        "lm_head": lm_head_bytes,
         "norms_and_awq_input_scales": vectors * act,
     }
 
@@ -117,9 +124,9 @@ def batched_decode_traffic(
     bandwidth). Activations (unfused upper bound) and host transfers are reported, not in the bound:
     fused kernels keep most of them on chip, and the host's run beside the GPU's.
 
-    {"assumptions": {...}, "targets": {name: GB/s}, "models": {recipe: {"weights": {kind: bytes},
-     "steps": [{"past", "batch", "bytes": {...}, "floor_bytes", "gain_over_batch_1",
-                "targets": {name: {"step_ms_min", "tok_s_max"}}}, ...]}}}
+    {"assumptions": {...}, "targets": {name: GB/s}, "models": {recipe: {"group_size", "activations",
+     "lm_head", "weights": {kind: bytes}, "steps": [{"past", "batch", "bytes": {...}, "floor_bytes",
+     "gain_over_batch_1", "targets": {name: {"step_ms_min", "tok_s_max"}}}, ...]}}}
     """
     if not batches or min(batches) < 1 or min(pasts, default=0) < 0:
         raise ValueError("batches must be at least 1 and pasts at least 0")
@@ -146,7 +153,14 @@ def batched_decode_traffic(
                         "targets": {t: {"step_ms_min": 1e3 * s, "tok_s_max": batch / s} for t, s in seconds.items()},
                     }
                 )
-        models[name] = {"weights": decoder_weight_bytes(recipe), "steps": steps}
+        decoder = recipe.precision["decoder"]
+        models[name] = {
+            "group_size": int(decoder.get("group_size", 128)),
+            "activations": decoder.get("activations", "fp16"),  # also the scales' type
+            "lm_head": lm_head_precision(recipe),
+            "weights": decoder_weight_bytes(recipe),
+            "steps": steps,
+        }
     return {
         "assumptions": {
             "decoder": "INT4 weight-only as the recipe says (group, scales in the activation type, lm_head kept)",

@@ -25,16 +25,16 @@ def test_weight_bytes_are_the_tiny_int4_graphs_initializers() -> None:
     recipe = load_recipe(manifest.model["recipe"])
     assert decode_traffic.recipe_geometry(recipe) == Geometry.from_recipe_and_manifest(recipe, manifest.model)
     hidden, vocab = manifest.model["hidden_size"], manifest.model["vocab_size"]
-    found = {"int4_codes": 0, "scales_fp16_group_32": 0, "lm_head_fp16": 0, "norms_and_awq_input_scales": 0}
+    found = {"int4_codes": 0, "scales": 0, "lm_head": 0, "norms_and_awq_input_scales": 0}
     constants = 0
     for tensor in onnx.load(str(manifest.graph_path(artifacts, "decoder"))).graph.initializer:
         array = numpy_helper.to_array(tensor)
         if tensor.data_type == onnx.TensorProto.INT4:
             found["int4_codes"] += -(-array.size // 2)  # two codes per byte
         elif tensor.name.endswith(".weight_scale"):
-            found["scales_fp16_group_32"] += array.nbytes
+            found["scales"] += array.nbytes  # FP16, one per 32 inputs per output
         elif array.shape == (hidden, vocab):
-            found["lm_head_fp16"] += array.nbytes
+            found["lm_head"] += array.nbytes
         elif array.shape == (hidden,):
             found["norms_and_awq_input_scales"] += array.nbytes
         else:
