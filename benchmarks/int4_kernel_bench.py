@@ -11,6 +11,11 @@ the norms or the lm_head. The codes are random (the kernel's time does not depen
 symmetric (MatMulNBits' default zero point 8), FP32 scales, as our quantizer's FP32 graph has.
 Level 4 is what run and bench use (int8 activations, in blocks of the weight block), 0 what
 verify uses. Torch-free; the 1.7B's weights take ~0.6 GB per block size.
+
+With --rows, what batching gains instead (matmulnbits_batch_gain, which another benchmark can
+call in its own run): a stack of 2048x5632 INT4 linears (block 128) timed at each row count in turn.
+
+    python benchmarks/int4_kernel_bench.py --rows 1 2 4 8 [--layers 8] [--threads 2] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,8 +76,9 @@ def step_linears(recipe: str) -> list[tuple[str, int, int]]:
     return [(f"layers.{i}.{n}", k, n_out) for i in range(int(arch["num_hidden_layers"])) for n, k, n_out in per_layer]
 
 
-def step_model(linears: Sequence[tuple[str, int, int]], block: int, level: int, seed: int = 0):
-    """(ModelProto, bytes of codes + scales): the linears as MatMulNBits nodes, one input per K."""
+def step_model(linears: Sequence[tuple[str, int, int]], block: int, level: int, seed: int = 0, rows: int | str = 1):
+    """(ModelProto, bytes of codes + scales): the linears as MatMulNBits nodes, one input per K, of
+    `rows` rows (a name: any number, chosen per run)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)
@@ -85,11 +92,11 @@ def step_model(linears: Sequence[tuple[str, int, int]], block: int, level: int, 
         node, node_inits = matmulnbits(name, inputs[k], codes, scales, 4, block, level)
         nodes.append(node)
         inits += node_inits
-        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, n]))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows, n]))
     graph = helper.make_graph(
         nodes,
         "int4_step",
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, k]) for k, x in inputs.items()],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [rows, k]) for k, x in inputs.items()],
         outputs,
         inits,
     )
@@ -127,6 +134,76 @@ def time_step(model, threads: int, repeats: int) -> np.ndarray:
     return time_runs(session, feed, repeats)
 
 
+def matmulnbits_batch_gain(
+    rows: Sequence[int] = (1, 2, 4, 8),
+    layers: int = 8,
+    k: int = 2048,
+    n: int = 5632,
+    block: int = 128,
+    level: int = 4,
+    threads: int = 2,
+    repeats: int = 20,
+) -> dict[str, Any]:
+    """What batching gains in ONNX Runtime's INT4 kernel alone on this CPU: `layers` MatMulNBits
+    of K x N (default the 1.7B's MLP, 2048 x 5632; INT4, blocks of `block`, accuracy level 4 =
+    int8 activations as run and bench use) all fed by one input of `rows` rows.
+
+    The row counts take turns (1, 2, 4, 8, 1, 2, ...) for `repeats` rounds after one untimed run
+    each, in one session, so a load on the host that comes and goes weighs on all of them alike.
+    Returns {"per_rows": [{"rows", "median_ms", "p10_ms", "p90_ms", "gain"}, ...], and the
+    settings, the weights' MiB and ONNX Runtime's version}; gain = rows x t(1 row) / t(rows),
+    medians: how many more tokens per second a batch of `rows` decodes through these linears
+    (the weights are read once per call whatever the rows). Timing 1 row is always included.
+
+    Size the stack for the question: 8 layers are 49 MB, which a large last-level cache holds (a
+    server Xeon's hundreds of MiB of L3), so 1 row is then cheap and the gain small; a decode step's
+    ~0.6 GB (the 1.7B's INT4 linears: layers=104) comes from DRAM, as on the Orin."""
+    import onnxruntime
+
+    if layers < 1 or repeats < 1 or not rows or min(rows) < 1:
+        raise MvlmError("rows, layers and repeats must be at least 1")
+    counts = sorted(set(rows) | {1})
+    model, nbytes = step_model([(f"layers.{i}", k, n) for i in range(layers)], block, level, rows="rows")
+    session = cpu_session(model, threads)
+    del model
+    rng = np.random.default_rng(1)
+    (x,) = session.get_inputs()
+    feeds = {r: {x.name: rng.standard_normal((r, k)).astype(np.float32)} for r in counts}
+    for r in counts:
+        session.run(None, feeds[r])
+    seconds: dict[int, list[float]] = {r: [] for r in counts}
+    for _ in range(repeats):
+        for r in counts:
+            started = time.perf_counter()
+            session.run(None, feeds[r])
+            seconds[r].append(time.perf_counter() - started)
+    ms = {r: 1e3 * np.asarray(t) for r, t in seconds.items()}
+    medians = {r: float(np.median(t)) for r, t in ms.items()}
+    # Unrounded: at small sizes a call takes microseconds, and the gain is computed from these.
+    per_rows = [
+        {
+            "rows": r,
+            "median_ms": medians[r],
+            "p10_ms": float(np.percentile(ms[r], 10)),
+            "p90_ms": float(np.percentile(ms[r], 90)),
+            "gain": r * medians[1] / medians[r],
+        }
+        for r in counts
+    ]
+    return {
+        "k": k,
+        "n": n,
+        "layers": layers,
+        "block": block,
+        "accuracy_level": level,
+        "threads": threads,
+        "repeats": repeats,
+        "weight_mib": round(nbytes / 2**20, 1),
+        "onnxruntime": onnxruntime.__version__,
+        "per_rows": per_rows,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="mobilevlm-v2-1.7b")
@@ -135,12 +212,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--level", type=int, choices=[0, 4], default=4, help="MatMulNBits accuracy level")
     parser.add_argument("--report", type=Path, default=Path("build/bench/int4_kernel_bench.json"))
+    parser.add_argument(
+        "--rows", type=int, nargs="+", help="instead: the batch gain of --layers 2048x5632 linears (block 128)"
+    )
+    parser.add_argument("--layers", type=int, default=8, help="with --rows")
     opts = parser.parse_args(argv)
     if opts.threads < 1 or opts.repeats < 1 or any(b < 16 or b & (b - 1) for b in opts.blocks):
         print("error: --threads and --repeats must be at least 1, --blocks powers of two >= 16", file=sys.stderr)
         return 2
     try:
         check_threads(opts.threads)
+        if opts.rows:
+            gain = matmulnbits_batch_gain(
+                opts.rows, opts.layers, level=opts.level, threads=opts.threads, repeats=opts.repeats
+            )
+            rows = [
+                [r["rows"], f"{r['median_ms']:.2f} ({r['p10_ms']:.2f}-{r['p90_ms']:.2f})", f"{r['gain']:.2f}x"]
+                for r in gain["per_rows"]
+            ]
+            table = render_table(["rows", "ms per call (p10-p90)", "gain (rows x t1 / tN)"], rows)
+            write_json(opts.report, {**gain, "table": table.splitlines()})
+            print(table)
+            return 0
         linears = step_linears(opts.recipe)
         results = {}
         for block in opts.blocks:

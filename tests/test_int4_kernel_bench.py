@@ -14,6 +14,8 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import int4_kernel_bench  # noqa: E402
 
+from mvlm_compile.errors import MvlmError  # noqa: E402
+
 
 @pytest.mark.parametrize(("bits", "block"), [(4, 16), (4, 64), (8, 32)])
 def test_matmulnbits_node_computes_the_dequantized_product(bits: int, block: int) -> None:
@@ -59,3 +61,23 @@ def test_report_per_block_size_and_bad_blocks(tmp_path, capsys) -> None:
     assert all(b["median_ms"] > 0 for b in data["blocks"].values())
     assert int4_kernel_bench.main(["--recipe", "tiny", "--blocks", "24", "--report", str(report)]) == 2
     assert "--blocks" in capsys.readouterr().err
+
+
+def test_batch_gain_structure_on_tiny_linears(tmp_path, capsys) -> None:
+    gain = int4_kernel_bench.matmulnbits_batch_gain(rows=(4, 2), layers=2, k=64, n=96, block=32, threads=1, repeats=3)
+    assert [r["rows"] for r in gain["per_rows"]] == [1, 2, 4]  # batch 1, the reference, always timed
+    # 2 layers of 64 x 96 codes, half a byte each, and one FP32 scale per 32 inputs per output.
+    assert gain["weight_mib"] == round(2 * (64 * 96 / 2 + 64 // 32 * 96 * 4) / 2**20, 1)
+    assert (gain["layers"], gain["k"], gain["n"], gain["block"], gain["accuracy_level"]) == (2, 64, 96, 32, 4)
+    one = gain["per_rows"][0]["median_ms"]
+    for r in gain["per_rows"]:
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["gain"] == pytest.approx(r["rows"] * one / r["median_ms"])
+    with pytest.raises(MvlmError, match="does not divide"):
+        int4_kernel_bench.matmulnbits_batch_gain(rows=(2,), layers=1, k=48, n=8, block=32, repeats=1)
+    # The CLI's --rows: the 2048 x 5632 linears, one layer here.
+    report = tmp_path / "gain.json"
+    assert int4_kernel_bench.main(["--rows", "2", "--layers", "1", "--repeats", "1", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert (data["k"], data["n"], data["block"]) == (2048, 5632, 128) and len(data["per_rows"]) == 2
+    assert "gain (rows x t1 / tN)" in capsys.readouterr().out

@@ -298,17 +298,30 @@ def decode_traffic(decoder_graph: Path, geometry: Geometry, past: int = 1000) ->
     weights = weight_bytes(load_model(decoder_graph, load_weights=False))
     row = g.kv_heads * g.head_dim * FP16  # one token's keys (or values) of one layer
     kv_read = 2 * g.layers * past * row
-    per_layer = (
-        12 * g.hidden * FP16  # norms, projections' outputs, residuals, RoPE (hidden-sized vectors)
-        + 4 * g.mlp * FP16  # gate, up, their product, silu
-        + g.heads * (past + 1) * (FP16 + 4 + 4 + FP16)  # scores, fp32 softmax in and out, probabilities
-    )
     traffic = DecodeTraffic(past=past, floor=weights + kv_read)
     traffic.rows = [
         ("weights (each read once)", weights),
         (f"K/V of the past read in place ({past} rows x {g.layers} layers x 2)", kv_read),
         ("new K/V rows written at their offset", 2 * g.layers * row),
-        ("activations (upper bound: nothing fused)", 2 * g.layers * per_layer + 2 * g.vocab * FP16),
-        ("host <-> device: one embedding row up, one logits row down", (g.hidden + g.vocab) * FP16 + 16),
+        ("activations (upper bound: nothing fused)", step_activation_bytes(g, past)),
+        ("host <-> device: one embedding row up, one logits row down", step_host_bytes(g)),
     ]
     return traffic
+
+
+def step_activation_bytes(geometry: Geometry, past: int) -> float:
+    """Activation bytes of one sequence's decode step after `past` tokens (FP16, FP32 softmax): an
+    upper bound, every intermediate written and read once, nothing fused."""
+    g = geometry
+    per_layer = (
+        12 * g.hidden * FP16  # norms, projections' outputs, residuals, RoPE (hidden-sized vectors)
+        + 4 * g.mlp * FP16  # gate, up, their product, silu
+        + g.heads * (past + 1) * (FP16 + 4 + 4 + FP16)  # scores, fp32 softmax in and out, probabilities
+    )
+    return 2 * g.layers * per_layer + 2 * g.vocab * FP16
+
+
+def step_host_bytes(geometry: Geometry) -> float:
+    """Host <-> device bytes of one sequence's decode step: its embedding row up, its logits row
+    down, its position and logits index (int64)."""
+    return (geometry.hidden + geometry.vocab) * FP16 + 16

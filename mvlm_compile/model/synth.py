@@ -33,7 +33,6 @@ class Preset:
     text: dict[str, Any]
     vision: dict[str, Any]
     dtype: str  # default storage dtype
-    tokenizer_vocab: int
 
 
 def _llama(hidden: int, layers: int, heads: int, mlp: int, vocab: int, context: int) -> dict[str, Any]:
@@ -69,19 +68,16 @@ PRESETS: dict[str, Preset] = {
             "layer_norm_eps": 1e-5,
         },
         dtype="fp32",
-        tokenizer_vocab=512,
     ),
     "mobilevlm-v2-1.7b": Preset(
         text=_llama(hidden=2048, layers=24, heads=16, mlp=5632, vocab=32000, context=2048),
         vision=KNOWN_VISION_TOWERS[CLIP_HUB_NAME],
         dtype="fp16",
-        tokenizer_vocab=2000,
     ),
     "mobilevlm-v2-3b": Preset(
         text=_llama(hidden=2560, layers=32, heads=32, mlp=6912, vocab=32000, context=2048),
         vision=KNOWN_VISION_TOWERS[CLIP_HUB_NAME],
         dtype="fp16",
-        tokenizer_vocab=2000,
     ),
 }
 
@@ -216,12 +212,20 @@ def write_synthetic_checkpoint(
             return _random_tensor(seed_name, shape, seed, torch_dtype)
 
         _write_sharded(tmp, main_shapes, make, bytes_per_value, max_shard_bytes)
-        write_synthetic_tokenizer(tmp, vocab_size=preset.tokenizer_vocab)
+        write_preset_tokenizer(preset_name, tmp)
     if separate:
         with atomic_output_dir(clip_out, "checkpoint", inputs=[out], option="--clip-out") as tmp:
             write_json(tmp / "config.json", _clip_config_json(preset.vision))
             _write_sharded(tmp, vision_shapes, make, bytes_per_value, max_shard_bytes)
     return out
+
+
+def write_preset_tokenizer(preset_name: str, directory: Path) -> None:
+    """Write the tokenizer of a preset's checkpoint (tokenizer.json, tokenizer_config.json) to
+    `directory` without its weights: one piece for each of the model's vocab_size ids."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    write_synthetic_tokenizer(directory, vocab_size=PRESETS[preset_name].text["vocab_size"])
 
 
 def _clip_config_json(vision: dict[str, Any]) -> dict[str, Any]:

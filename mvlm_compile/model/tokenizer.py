@@ -1,4 +1,4 @@
-"""Tokenizers: the LLaMA tokenizer of a checkpoint, and a small one made locally for synthetic checkpoints.
+"""Tokenizers: the LLaMA tokenizer of a checkpoint, and one made locally for synthetic checkpoints.
 
 The authors load the checkpoint's tokenizer with `AutoTokenizer.from_pretrained(path, use_fast=False)`,
 i.e. transformers' SentencePiece LlamaTokenizer on tokenizer.model, which puts BOS first
@@ -10,8 +10,9 @@ SentencePiece itself on the 'v1' prompt before it is used.
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,18 +44,16 @@ _PROBE_QUESTIONS = (
 )
 
 
-def write_synthetic_tokenizer(
-    directory: Path, vocab_size: int, corpus: Sequence[str] = (), split_words: bool = False
-) -> None:
-    """A LLaMA-style (SentencePiece-like BPE with byte fallback) tokenizer trained on a fixed corpus
-    (the built-in one, or `corpus` when given: a model trained on a task gets its own words).
-    `split_words`: merges stop at spaces, as LLaMA's SentencePiece model's do (one token never
-    spans "red circle", so an unseen combination of seen words is still made of seen tokens).
+def synthetic_tokenizer(vocab_size: int, corpus: Sequence[str] = (), split_words: bool = False) -> Tokenizer:
+    """A LLaMA-style (SentencePiece-like BPE with byte fallback) tokenizer of exactly `vocab_size` ids,
+    trained on a fixed corpus (the built-in one, or `corpus` when given: a model trained on a task
+    gets its own words). `split_words`: merges stop at spaces, as LLaMA's SentencePiece model's do
+    (one token never spans "red circle", so an unseen combination of seen words is still made of
+    seen tokens).
 
-    Special tokens as LLaMA: 0 <unk>, 1 <s>, 2 </s>; BOS is added to every encoding.
+    Special tokens as LLaMA: 0 <unk>, 1 <s>, 2 </s>; BOS is added to every encoding. When the corpus
+    runs out of merges before `vocab_size`, the remaining ids are made-up words (see `_fill_vocab`).
     """
-    from transformers import PreTrainedTokenizerFast  # host-only dependency
-
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -72,12 +71,49 @@ def write_synthetic_tokenizer(
     # LLaMA's, they must be ordinary vocabulary entries that ByteFallback decodes.
     spec = json.loads(tokenizer.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_tokens]
+    _fill_vocab(spec["model"]["vocab"], vocab_size)
     tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
+    return tokenizer
+
+
+def _made_up_words() -> Iterator[str]:
+    """Distinct pronounceable words, shortest first: "ba", "be", ..., "zu", "baba", ..."""
+    syllables = [c + v for c in "bdfghjklmnprstvz" for v in "aeiou"]
+    for count in itertools.count(1):
+        for parts in itertools.product(syllables, repeat=count):
+            yield "".join(parts)
+
+
+def _fill_vocab(vocab: dict[str, int], vocab_size: int) -> None:
+    """Give every id below `vocab_size` a piece: a small corpus stops merging long before a LLaMA
+    vocabulary's 32000, and a random-weight model emits any id, so ids without a piece would decode
+    to nothing (a streamed answer would arrive in one chunk). The pieces are word starts ("▁" +
+    made-up word) that no merge produces, like the unused pieces of a real vocabulary: encoding is
+    unchanged, and each of them decodes to its word. The trainer numbers its pieces 0..len - 1, so
+    the new ones continue from len(vocab)."""
+    words = ("▁" + word for word in _made_up_words())
+    while len(vocab) < vocab_size:
+        piece = next(words)
+        if piece not in vocab:
+            vocab[piece] = len(vocab)
+
+
+def write_synthetic_tokenizer(
+    directory: Path, vocab_size: int, corpus: Sequence[str] = (), split_words: bool = False
+) -> None:
+    """`synthetic_tokenizer(vocab_size, corpus, split_words)` saved in `directory` as a checkpoint
+    has it (tokenizer.json and tokenizer_config.json)."""
+    from transformers import PreTrainedTokenizerFast  # host-only dependency
+
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+        tokenizer_object=synthetic_tokenizer(vocab_size, corpus, split_words),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
     )
     wrapped.save_pretrained(str(directory))
 

@@ -85,7 +85,7 @@ def tokenizer_corpus() -> list[str]:
 
 
 def checkpoint_config() -> dict[str, Any]:
-    config = mobilevlm_config_json(Preset(TEXT, VISION, "fp16", 512), embed_vision_config=True)
+    config = mobilevlm_config_json(Preset(TEXT, VISION, "fp16"), embed_vision_config=True)
     config["torch_dtype"] = "float16"
     config["mvlm_compile_task"] = {
         "name": dataset.TASK_NAME,
