@@ -36,8 +36,8 @@ from mvlm_compile.engine.builder import (
     build_serialized_engine,
     parse_onnx,
 )
-from mvlm_compile.engine.plan import BuildSettings, Geometry, optimization_profiles
-from mvlm_compile.engines_record import ENGINES_MANIFEST, check_engines_record
+from mvlm_compile.engine.plan import BuildSettings, Geometry, fit_batch, optimization_profiles
+from mvlm_compile.engines_record import ENGINES_MANIFEST, check_engines_record, decoder_limits
 from mvlm_compile.errors import ArtifactError, MvlmError
 from mvlm_compile.fileio import sha256_file
 from mvlm_compile.manifest import load_manifest
@@ -98,17 +98,26 @@ def test_every_planned_profile_was_accepted(built):
     bundle, _, _, record = built
     manifest = load_manifest(bundle / "artifacts")
     recipe = load_recipe("tiny")
-    settings = BuildSettings.resolve(recipe, load_target(TARGET), int(manifest.model["max_context"]))
-    planned = optimization_profiles(Geometry.from_recipe_and_manifest(recipe, manifest.model), settings)
+    geometry = Geometry.from_recipe_and_manifest(recipe, manifest.model)
+    target = load_target(TARGET)
+    settings = fit_batch(
+        geometry, recipe, target, BuildSettings.resolve(recipe, target, int(manifest.model["max_context"]))
+    )
+    planned = optimization_profiles(geometry, settings)
     for name, engine in record["engines"].items():
         assert engine["profiles"] == planned[name]
         # What add_optimization_profile returned, one index per planned profile.
         assert engine["profile_indices"] == list(range(len(planned[name])))
     decoder = record["engines"]["decoder"]["profiles"]
     past = contract.past_names(0)[0]
-    # [past, batch, kv_heads, head_dim]: prefill has an empty past, planned and accepted
-    assert [shape[0] for shape in decoder[0][past]] == [0, 0, 0]
+    # [past, slots, kv_heads, head_dim]: a prefill after no past or (a chunk) after one, planned and accepted
+    assert [shape[0] for shape in decoder[0][past]] == [0, 0, settings.context - 1]
     assert decoder[1][contract.DECODER_EMBEDS][2][1] == 1 and decoder[1][past][2][0] == settings.context - 1
+    # The batch dimension: a decode step of 1 to max-batch sequences over as many cache slots.
+    assert record["max_batch"] == settings.batch == 8  # the most the memory plan gives by default
+    assert [shape[0] for shape in decoder[1][contract.DECODER_EMBEDS]] == [1, 8, 8]
+    assert [shape[1] for shape in decoder[1][past]] == [1, 8, 8]
+    assert decoder_limits(record, Path("engines")).max_batch == 8
 
 
 def test_each_graph_parses_without_error_into_the_manifest_io(built):

@@ -128,7 +128,7 @@ def server(shapes_int4):
 
 @pytest.fixture(scope="module")
 def guarded(shapes_int4):
-    s = Server(shapes_int4, "--api-key", API_KEY, "--max-queue", "0", "--allow-remote-images")
+    s = Server(shapes_int4, "--api-key", API_KEY, "--max-queue", "0", "--max-batch", "1", "--allow-remote-images")
     yield s
     s.stop()
 
@@ -205,7 +205,11 @@ def test_max_tokens_and_stop(server, reference):
     assert stopped.choices[0].message.content == reference["text"][: reference["text"].index(word)]
 
 
-def test_six_concurrent_clients(server, reference):
+def test_six_concurrent_clients_are_decoded_together(server, reference):
+    """Four slots (the default for an artifacts directory), six clients: each gets the answer it gets
+    alone, and /metrics shows decode steps of more than one sequence."""
+    before = server.metrics()
+
     def one(i: int) -> str:
         client = server.client(timeout=120)
         if i % 2:
@@ -215,6 +219,48 @@ def test_six_concurrent_clients(server, reference):
 
     with ThreadPoolExecutor(6) as pool:
         assert list(pool.map(one, range(6))) == [reference["text"]] * 6
+    after = server.metrics()
+    steps = after["mvlm_decode_batch_size_count"] - before.get("mvlm_decode_batch_size_count", 0)
+    single = after['mvlm_decode_batch_size_bucket{le="1.0"}'] - before.get('mvlm_decode_batch_size_bucket{le="1.0"}', 0)
+    assert steps > single  # some steps advanced several answers at once
+    rows = after["mvlm_decode_batch_size_sum"] - before.get("mvlm_decode_batch_size_sum", 0)
+    assert rows == 6 * reference["completion_tokens"]  # each token after the prefill's, EOS included
+    assert after["mvlm_slots"] == 4 and after["mvlm_requests_running"] == 0
+    assert (
+        after["mvlm_prefill_tokens_total"] - before.get("mvlm_prefill_tokens_total", 0)
+        == 6 * reference["prompt_tokens"]
+    )
+
+
+def test_the_queue_bound_counts_the_requests_beyond_the_slots():
+    """--max-batch 2 --max-queue 1: two requests in the slots and one waiting are admitted; the
+    fourth is refused, and a place frees when one ends."""
+    import asyncio
+
+    from mvlm_compile.serve.errors import APIError
+    from mvlm_compile.serve.metrics import Metrics
+    from mvlm_compile.serve.worker import Worker
+
+    class TwoSlots:
+        max_batch, slots_in_use = 2, 2
+
+        def add_step_listener(self, listener) -> None:
+            pass
+
+    async def admit() -> None:
+        worker = Worker(Metrics(), max_queue=1)
+        worker.attach(TwoSlots())  # type: ignore[arg-type]
+        jobs = [worker.admit() for _ in range(3)]
+        with pytest.raises(APIError) as refused:
+            worker.admit()
+        assert refused.value.status == 429 and "--max-batch" in refused.value.message
+        (depth,) = worker.metrics.queue_depth.collect()[0].samples
+        assert depth.value == 1  # the third waits beyond the two slots
+        jobs[0].release()
+        worker.admit()
+        worker.shutdown()
+
+    asyncio.run(admit())
 
 
 def test_metrics_count_one_request(server, reference):
@@ -389,7 +435,7 @@ def test_api_key(guarded):
 
 
 def test_full_queue_is_429(guarded, long_seed, reference):
-    """--max-queue 0: while one answer streams, the next request is refused at once."""
+    """--max-batch 1 --max-queue 0: while one answer streams in the only slot, the next request is refused at once."""
     client = guarded.client(api_key=API_KEY)
     request = body(stream=True, seed=long_seed, **LONG)
     headers = {"Authorization": f"Bearer {API_KEY}"}

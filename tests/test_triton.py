@@ -145,6 +145,9 @@ class Stream:
             result, error = self.responses.get(timeout=120)
             if error is not None:
                 return pieces, str(error)
+            self.last_piece_at = time.perf_counter()
+            if not pieces:
+                self.first_piece_at = self.last_piece_at
             final = result.get_response().parameters["triton_final_response"].bool_param
             text = result.as_numpy("text_output")
             if final:
@@ -175,14 +178,19 @@ def test_streams_the_reference_answer_token_by_token(server, reference):
         stream.close()
 
 
-def test_four_concurrent_streams_all_get_the_right_answer(server, reference):
+def test_four_concurrent_streams_are_decoded_together_and_get_the_right_answer(server, reference):
+    """The entry model answers each request on a thread of its own, so its Session's scheduler
+    decodes them together: a stream's first piece comes before another's last (one at a time,
+    each would end before the next began)."""
     text, pieces = reference
     results: dict[int, tuple] = {}
+    spans: dict[int, tuple[float, float]] = {}
 
     def ask(index: int) -> None:
         stream = Stream(server["grpc"])
         try:
             results[index] = stream.ask(QUESTION, IMAGE.read_bytes())
+            spans[index] = stream.first_piece_at, stream.last_piece_at
         finally:
             stream.close()
 
@@ -192,6 +200,7 @@ def test_four_concurrent_streams_all_get_the_right_answer(server, reference):
     for thread in threads:
         thread.join(180)
     assert results == {i: (pieces, None) for i in range(4)}
+    assert any(spans[a][0] < spans[b][1] for a in spans for b in spans if a != b and spans[a][0] > spans[b][0])
 
 
 def test_a_cancelled_stream_stops_its_generation_between_two_tokens(server, reference):
@@ -284,7 +293,8 @@ def _post(url: str, body: dict) -> str:
 
 def test_the_repository_is_self_contained(shapes_int4, tmp_path):
     out = tmp_path / "repo"
-    result = CliRunner().invoke(cli, ["triton", str(shapes_int4), "--out", str(out), "--json", "--max-tokens", "32"])
+    argv = ["triton", str(shapes_int4), "--out", str(out), "--json", "--max-tokens", "32", "--max-batch", "3"]
+    result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["models"] == [MODEL] and summary["server_command"] == f"tritonserver --model-repository {out}"
@@ -295,6 +305,8 @@ def test_the_repository_is_self_contained(shapes_int4, tmp_path):
         "max_tokens": "32",
         "threads": "0",
         "int4_activations": "int8",
+        "max_batch": "3",  # the entry model's Session decodes up to 3 requests together
+        "prefill_chunk": "128",
     }
     version = out / MODEL / "1"
     assert (version / "model.py").read_bytes() == triton_repository.MODEL_PY.read_bytes()

@@ -131,13 +131,47 @@ def test_the_device_loop_matches_the_onnx_runtime_loop(engines):
         embeds = (rng.standard_normal((1, 37, hidden)) * 0.5).astype(np.float16)
         kept = []
         for step in range(41):
-            got, expected = (loop.step(embeds) for loop in loops)
+            got, expected = (loop.step(0, embeds) for loop in loops)
             _close(got, expected, ("step", step))
             kept.append((got, got.copy()))
             embeds = (rng.standard_normal((1, 1, hidden)) * 0.5).astype(np.float16)
-        for got, expected in zip(loops[0].cache(), loops[1].cache()):
+        for got, expected in zip(loops[0].cache(0), loops[1].cache(0)):
             _close(got, expected, "cache")
         assert all(np.array_equal(a, b) for a, b in kept)  # no returned logits is a view of a reused buffer
+
+
+def test_the_batched_device_loop_matches_the_onnx_runtime_loop(engines):
+    """One device cache of the engine's max-batch slots: three prompts of different lengths in
+    slots 0-2, 20 decode steps of the three together (pasts differ: staged rows moved to each
+    sequence's offset with cudaMemcpy2DAsync), then the middle one leaves and the last moves into
+    its slot, as the scheduler does: logits and caches against the same loop in ONNX Runtime."""
+    from mvlm_compile.runtime.ort_backend import OrtBackend
+    from mvlm_compile.runtime.trt_backend import TrtBackend
+
+    bundle, engines_dir, _ = engines
+    rng = np.random.default_rng(3)
+    with TrtBackend(bundle / "artifacts", engines_dir) as trt_backend, OrtBackend(bundle / "artifacts") as ort:
+        hidden, slots = int(trt_backend.manifest.model["hidden_size"]), trt_backend.limits.max_batch
+        assert slots >= 3
+        loops = trt_backend.decoder(slots), ort.decoder(slots)
+        for slot, length in enumerate((37, 5, 60)):
+            embeds = (rng.standard_normal((1, length, hidden)) * 0.5).astype(np.float16)
+            got, expected = (loop.step(slot, embeds) for loop in loops)
+            _close(got, expected, ("prefill", slot))
+        rows = 3
+        for step in range(20):
+            if step == 10:  # the middle sequence leaves
+                for loop in loops:
+                    loop.clear(1)
+                    loop.move(2, 1)
+                rows = 2
+            embeds = (rng.standard_normal((rows, 1, hidden)) * 0.5).astype(np.float16)
+            got, expected = (loop.step(0, embeds) for loop in loops)
+            _close(got, expected, ("step", step))
+        assert loops[0].lengths == loops[1].lengths == [57, 80] + [0] * (slots - 2)
+        for slot in range(2):
+            for got, expected in zip(loops[0].cache(slot), loops[1].cache(slot)):
+                _close(got, expected, ("cache", slot))
 
 
 def test_outputs_do_not_alias_the_next_call(engines):

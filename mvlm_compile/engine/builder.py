@@ -396,6 +396,7 @@ def build_engines(
             "target": target.name,
             "plugin": plugin,
             "settings": settings.__dict__,
+            "max_batch": settings.batch,  # sequences one decode step takes: the runtime's cache slots
             "memory_plan": plan.to_json(),
             "engines": engines,
             "inputs_sha256": digest(inputs),

@@ -251,11 +251,11 @@ class BatchScheduler:
         request._finish()
 
     def _fail_all(self, error: Exception) -> None:
-        for request in self._rows:
+        failed, self._rows = self._rows, []
+        self.decoder.reset()
+        for request in failed:
             request.generation.finish_reason = "error"
             request._finish(error=error)
-        self._rows.clear()
-        self.decoder.reset()
 
     def _drain_waiting(self) -> None:
         with self._wake:
