@@ -11,8 +11,8 @@ A session owns one backend (ONNX Runtime sessions or TensorRT engines) and its o
 cache, so it answers one request at a time: `generate` may be called from any thread, and the
 generations run one after another under the session's lock. Everything a request can get wrong
 (options, prompt length, the image) is checked when `generate` is called, before the request waits
-for the lock. Image embeddings are cached by the SHA-256 of the image's bytes (least recently used
-first out), so a second question about the same image runs no vision encoder or projector.
+for the lock. Image embeddings are cached by the SHA-256 of the image's pixel values (least recently
+used first out), so a second question about the same image runs no vision encoder or projector.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class Session:
         self._cache_capacity = image_cache_size
         self._hits = self._misses = 0
         self._embed_image = image_embedder or self._chat.pipeline.image_embeds
+        self._closed = False
 
     @property
     def limits(self) -> TokenLimits:
@@ -142,6 +143,7 @@ class Session:
         """Answer `prompt` about `image` (a file path, encoded bytes or a PIL image). Greedy when
         temperature is 0. Returns the finished Generation (text, token counts, finish_reason), or
         with stream=True a TextStream of text pieces. Raises MvlmError for a bad request."""
+        self._check_open()
         sampling = Sampling(temperature, top_p, seed)
         generation = self._chat.prepare(prompt, max_tokens, tuple(stop))
         key, pixel_values = self._image_key(image)
@@ -153,20 +155,26 @@ class Session:
             pass
         return generation
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MvlmError(f"session of {self.model_id!r}: closed; open a new Session to generate")
+
     def _image_key(self, image: ImageInput) -> tuple[str, np.ndarray]:
-        """(SHA-256 of the image's content, its pixel values), decoded and checked now."""
+        """(SHA-256 of the pixel values the encoder sees, those pixel values), decoded and checked now.
+        Keyed by what determines the embeddings, so whatever changes the pixels (a palette, a mode,
+        EXIF orientation) changes the key, and the same picture in two encodings shares one entry."""
         from mvlm_compile.model.preprocess import decode_image, preprocess_image, read_image_file
 
         if isinstance(image, Image.Image):
-            digest = hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
-            return digest, preprocess_image(image)
-        if isinstance(image, bytes | bytearray | memoryview):
-            data, what = bytes(image), "image"
+            pixel_values = preprocess_image(image)
+        elif isinstance(image, bytes | bytearray | memoryview):
+            pixel_values = preprocess_image(decode_image(bytes(image), "image"))
         elif isinstance(image, str | Path):
-            data, what = read_image_file(Path(image)), str(image)
+            pixel_values = preprocess_image(decode_image(read_image_file(Path(image)), str(image)))
         else:
             raise MvlmError(f"image: a {type(image).__name__}; expected a file path, encoded bytes or a PIL image")
-        return hashlib.sha256(data).hexdigest(), preprocess_image(decode_image(data, what))
+        digest = hashlib.sha256(f"{pixel_values.dtype}{pixel_values.shape}".encode() + pixel_values.tobytes())
+        return digest.hexdigest(), pixel_values
 
     def _answer(
         self,
@@ -181,6 +189,7 @@ class Session:
         # A generator: the lock is taken at the first piece asked for and given back when the
         # answer ends, is cancelled or closed, so a streamed answer nobody reads holds nothing.
         with self._lock:
+            self._check_open()  # closed while this request waited for the lock
             embeds = self._image_embeds(key, pixel_values)
             yield from self._chat.answer(generation, embeds, max_tokens, sampling, stop, cancel.is_set)
 
@@ -204,6 +213,7 @@ class Session:
     def close(self) -> None:
         """Release the backend (sessions or engines, the cache, the bundle's reader lock)."""
         with self._lock:
+            self._closed = True
             self._embeds.clear()
             self._resources.close()
 

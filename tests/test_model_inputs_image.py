@@ -115,7 +115,10 @@ def _valid_png(path: Path) -> bytes:
     ("make", "message"),
     [
         (lambda p: p.write_bytes(b""), r"empty file \(0 bytes\), not an image$"),
-        (lambda p: p.write_text("hello, not an image\n"), r"not an image file in an accepted format \(PNG, JPEG, WEBP, GIF, BMP, TIFF, PPM\)$"),
+        (
+            lambda p: p.write_text("hello, not an image\n"),
+            r"not an image file in an accepted format \(PNG, JPEG, WEBP, GIF, BMP, TIFF, PPM\)$",
+        ),
         (lambda p: p.write_bytes(_valid_png(p)[:60]), r"not a readable image \(OSError: image file is truncated"),
         (lambda p: p.mkdir(), r"a directory, not an image file$"),
         (lambda p: os.mkfifo(p), r"not a regular file, not an image file$"),

@@ -174,9 +174,7 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MvlmError(f"{what}: refused as a decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:
-        raise MvlmError(
-            f"{what}: not an image file in an accepted format ({', '.join(IMAGE_FORMATS)})"
-        ) from None
+        raise MvlmError(f"{what}: not an image file in an accepted format ({', '.join(IMAGE_FORMATS)})") from None
     except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, EOFError... on broken files
         raise MvlmError(f"{what}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
