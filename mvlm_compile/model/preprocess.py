@@ -88,16 +88,20 @@ def check_image_size(width: int, height: int, what: str = "image") -> None:
 
 UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit samples, 0..65535
 UINT16_MAX = 65535
+_UINT16_TO_UINT8 = np.rint(np.arange(UINT16_MAX + 1) * (255 / UINT16_MAX)).astype(np.uint8)
 # Formats Pillow decodes 16-bit greyscale from as mode "I", samples scaled to 0..65535.
 _UINT16_AS_I_FORMATS = ("PNG", "PPM")
+
+
+def _uint16_to_rgb(samples: np.ndarray) -> Image.Image:
+    # A table of every sample's 8-bit value: one byte per pixel, where float arithmetic took 24.
+    return Image.fromarray(_UINT16_TO_UINT8[samples]).convert("RGB")  # 2-D uint8: mode L
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB: 16-bit samples scaled by their range (not clipped), 32-bit ones refused."""
     if image.mode in UINT16_MODES:
-        samples = np.asarray(image, dtype=np.float64)
-        eight_bit = np.rint(samples * (255 / UINT16_MAX)).astype(np.uint8)
-        return Image.fromarray(eight_bit).convert("RGB")  # 2-D uint8: mode L
+        return _uint16_to_rgb(np.asarray(image, dtype=np.uint16))
     if image.mode in ("I", "F"):
         kind = "32-bit integer" if image.mode == "I" else "32-bit float"
         raise MvlmError(
@@ -166,7 +170,7 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)  # a no-op (no copy) for an upright image
                 if image.mode == "I" and image.format in _UINT16_AS_I_FORMATS:  # 16-bit PGM: samples 0..65535
-                    return to_rgb(Image.fromarray(np.asarray(image).astype(np.uint16)))
+                    return _uint16_to_rgb(np.asarray(image).astype(np.uint16))
                 return to_rgb(image)
     except MvlmError as e:
         message = e.format_message()
