@@ -250,3 +250,31 @@ def test_generate_after_close_is_a_clear_error(shapes_int4):
     session.close()
     with pytest.raises(MvlmError, match=r"^session of 'tiny-shapes': closed; open a new Session to generate$"):
         session.generate(IMAGE, QUESTION, max_tokens=1)
+
+
+def test_the_embedding_table_served_does_not_change_under_the_session(tmp_path):
+    """The table overwritten in place, then truncated, while a session serves it: the same answers
+    (before, it was memory-mapped: the answers changed, then the process died with SIGBUS)."""
+    from conftest import copy_tiny_bundle
+
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    script = f"""
+import os, sys
+from mvlm_compile import Session
+from mvlm_compile.model.preprocess import golden_image
+table = {str(bundle / "artifacts" / "embed_tokens.npy")!r}
+with Session({str(bundle)!r}, int4_activations="fp32") as session:
+    ask = lambda: session.generate(golden_image(), "What is in the image?", max_tokens=8).text
+    first = ask()
+    size = os.path.getsize(table)
+    with open(table, "r+b") as f:  # in place: the same inode, other numbers
+        f.seek(128)
+        f.write(bytes(range(256)) * ((size - 128) // 256) + bytes((size - 128) % 256))
+    overwritten = ask()
+    os.truncate(table, 128)
+    truncated = ask()
+    print(first == overwritten == truncated)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "True", done.stdout
