@@ -87,6 +87,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/peg_kernel_bench.py || echo "peg_kernel_bench: needs a CUDA GPU"
 	$(BIN)/python benchmarks/task_bench.py --workdir $(BENCH_DIR)/task
 	$(BIN)/python benchmarks/triton_bench.py --workdir $(BENCH_DIR)/triton --report $(BENCH_DIR)/triton_bench-tiny-shapes.json
+	$(BIN)/python benchmarks/batching_bench.py $(BENCH_DIR)/mobilevlm-v2-1.7b-bundle --report $(BENCH_DIR)/batching_bench-1.7b.json
 	status=0; $(BIN)/python benchmarks/serve_bench.py --workdir $(BENCH_DIR) --report $(BENCH_DIR)/serve_bench-tiny-shapes.json \
 	  || status=$$?; test $$status -eq 0 -o $$status -eq 3  # 3: skipped, the [bench] extra (Locust) is not installed
 

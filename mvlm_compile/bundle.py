@@ -313,11 +313,13 @@ def build(
     checkpoint nor one of its parents. `plugin`: the PEG plugin library to build the projector
     with (--plugin; else $MVLM_PEG_PLUGIN or this installation's build, see _check_plugin_choice)."""
     bundle = Path(bundle)
-    if checkpoint is not None and recipe_name is not None:  # before anything is written
+    if checkpoint is not None:  # a wrong or absurd config is refused before anything is written
         from mvlm_compile.model.config import load_mobilevlm_config
         from mvlm_compile.recipes import check_recipe_fits_checkpoint
 
-        check_recipe_fits_checkpoint(load_recipe(recipe_name), load_mobilevlm_config(checkpoint))
+        config = load_mobilevlm_config(checkpoint)
+        if recipe_name is not None:
+            check_recipe_fits_checkpoint(load_recipe(recipe_name), config)
     if checkpoint is not None:
         check_output_dir(bundle, "bundle", inputs=[checkpoint, vision_tower])
         bundle.mkdir(parents=True, exist_ok=True)

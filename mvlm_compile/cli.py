@@ -787,7 +787,21 @@ def run(
     "--api-key",
     envvar="MVLM_API_KEY",
     default=None,
-    help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); also read from $MVLM_API_KEY.",
+    help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); also read from $MVLM_API_KEY, "
+    "which, like --api-key-file, keeps the key out of the process list.",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Read the API key from this file (its first line).",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Without an API key, /v1/* answers only requests whose Host is localhost, 127.0.0.1, [::1], "
+    "--host or one of these names (repeat the option).",
 )
 @click.option("--model-name", default=None, help="The model's id for clients (default: the bundle's recipe name).")
 @click.option(
@@ -801,6 +815,20 @@ def run(
 @click.option("--max-image-bytes", type=click.IntRange(min=1), default=10 * 2**20, show_default=True)
 @click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (default: only base64 data URLs).")
 @click.option("--image-fetch-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's head; then its connection is closed.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds an admitted request's body has to arrive; then it gets 408 and frees its place.",
+)
 @click.option(
     "--image-cache-size",
     type=click.IntRange(min=0),
@@ -831,7 +859,32 @@ def serve(artifacts: Path, **options: Any) -> None:
     except ImportError as e:
         raise MvlmError(f"serve: needs the [serve] extra ({e}): pip install 'mvlm-compile[serve]'") from None
 
+    key_file = options.pop("api_key_file")
+    if key_file is not None:
+        if options["api_key"] is not None:
+            raise MvlmError("--api-key-file: --api-key (or $MVLM_API_KEY) is given too; give the key once")
+        options["api_key"] = _read_api_key(key_file)
     server.serve(server.ServeOptions(bundle=artifacts, **options))
+
+
+def _read_api_key(path: Path) -> str:
+    """The first line of a small regular file, without its line end."""
+    try:
+        if not path.is_file():
+            raise MvlmError(f"--api-key-file {path}: not a regular file")
+        with path.open("rb") as f:
+            data = f.read(4097)
+    except OSError as e:
+        raise MvlmError(f"--api-key-file {path}: unreadable ({e.strerror or e})") from None
+    if len(data) > 4096:
+        raise MvlmError(f"--api-key-file {path}: larger than 4096 bytes; expected one line, the key")
+    try:
+        key = data.decode("utf-8").splitlines()[0].strip() if data.strip() else ""
+    except UnicodeDecodeError:
+        raise MvlmError(f"--api-key-file {path}: not UTF-8 text") from None
+    if not key:
+        raise MvlmError(f"--api-key-file {path}: empty; expected the key on its first line")
+    return key
 
 
 @cli.command()

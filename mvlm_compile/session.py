@@ -14,7 +14,7 @@ join and leave at step boundaries, prompts are prefilled in chunks between decod
 is per request); past `max_batch` they wait for a slot. Everything a request can get wrong
 (options, prompt length, the image) is checked when `generate` is called, and the image is encoded
 then, in the calling thread (one image at a time; the decoder's thread goes on meanwhile). Image
-embeddings are cached by the SHA-256 of the image's content (least recently used first out), shared
+embeddings are cached by the SHA-256 of the image's pixel values (least recently used first out), shared
 by every request, so a second question about the same image runs no vision encoder or projector.
 """
 
@@ -183,13 +183,12 @@ class Session:
         """Answer `prompt` about `image` (a file path, encoded bytes or a PIL image). Greedy when
         temperature is 0. Returns the finished Generation (text, token counts, finish_reason), or
         with stream=True a TextStream of text pieces. Raises MvlmError for a bad request."""
-        if self._closed:
-            raise MvlmError("the session is closed: open a new Session to generate")
+        self._check_open()
         sampling = Sampling(temperature, top_p, seed)
         generation = self._chat.prepare(prompt, max_tokens, tuple(stop))
         key, pixel_values = self._image_key(image)
         prompt_embeds = self._chat.pipeline.splice(generation.prompt_ids, self._image_embeds(key, pixel_values))
-        request = Request(generation, prompt_embeds, self._chat.answer_text(generation, max_tokens, stop), sampling)
+        request = Request(generation, prompt_embeds, self._chat.answer_text(generation, stop), sampling)
         self._scheduler.submit(request)
         answer = TextStream(request, self._scheduler)
         if stream:
@@ -207,20 +206,26 @@ class Session:
         """Requests holding a cache slot (decoding, or having their prompt prefilled)."""
         return self._scheduler.slots_in_use
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MvlmError(f"session of {self.model_id!r}: closed; open a new Session to generate")
+
     def _image_key(self, image: ImageInput) -> tuple[str, np.ndarray]:
-        """(SHA-256 of the image's content, its pixel values), decoded and checked now."""
+        """(SHA-256 of the pixel values the encoder sees, those pixel values), decoded and checked now.
+        Keyed by what determines the embeddings, so whatever changes the pixels (a palette, a mode,
+        EXIF orientation) changes the key, and the same picture in two encodings shares one entry."""
         from mvlm_compile.model.preprocess import decode_image, preprocess_image, read_image_file
 
         if isinstance(image, Image.Image):
-            digest = hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
-            return digest, preprocess_image(image)
-        if isinstance(image, bytes | bytearray | memoryview):
-            data, what = bytes(image), "image"
+            pixel_values = preprocess_image(image)
+        elif isinstance(image, bytes | bytearray | memoryview):
+            pixel_values = preprocess_image(decode_image(bytes(image), "image"))
         elif isinstance(image, str | Path):
-            data, what = read_image_file(Path(image)), str(image)
+            pixel_values = preprocess_image(decode_image(read_image_file(Path(image)), str(image)))
         else:
             raise MvlmError(f"image: a {type(image).__name__}; expected a file path, encoded bytes or a PIL image")
-        return hashlib.sha256(data).hexdigest(), preprocess_image(decode_image(data, what))
+        digest = hashlib.sha256(f"{pixel_values.dtype}{pixel_values.shape}".encode() + pixel_values.tobytes())
+        return digest.hexdigest(), pixel_values
 
     def _image_embeds(self, key: str, pixel_values: np.ndarray) -> np.ndarray:
         with self._embed_lock:

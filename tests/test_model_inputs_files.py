@@ -201,6 +201,11 @@ def test_oversized_json_is_not_read_into_memory(ck, monkeypatch):
         ({"tie_word_embeddings": "no"}, r"tie_word_embeddings is 'no', expected true or false"),
         # Absurd but well-typed sizes: a shape mismatch with the files, never a 4 TB allocation.
         ({"vocab_size": 10**12}, r"lm_head\.weight is \[512, 64\], expected \[1000000000000, 64\]"),
+        ({"max_position_embeddings": 10**12}, r"max_position_embeddings is 1000000000000, expected at most 1048576"),
+        (
+            {"max_position_embeddings": 1e12},
+            r"max_position_embeddings is 1000000000000\.0, expected a positive integer",
+        ),
     ],
 )
 def test_config_with_missing_or_mistyped_keys(ck, tmp_path, change, message):

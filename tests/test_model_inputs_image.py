@@ -115,7 +115,10 @@ def _valid_png(path: Path) -> bytes:
     ("make", "message"),
     [
         (lambda p: p.write_bytes(b""), r"empty file \(0 bytes\), not an image$"),
-        (lambda p: p.write_text("hello, not an image\n"), r"not an image file \(unknown format\)$"),
+        (
+            lambda p: p.write_text("hello, not an image\n"),
+            r"not an image file in an accepted format \(PNG, JPEG, WEBP, GIF, BMP, TIFF, PPM\)$",
+        ),
         (lambda p: p.write_bytes(_valid_png(p)[:60]), r"not a readable image \(OSError: image file is truncated"),
         (lambda p: p.mkdir(), r"a directory, not an image file$"),
         (lambda p: os.mkfifo(p), r"not a regular file, not an image file$"),
@@ -183,3 +186,57 @@ def test_damaged_images_are_always_input_errors(tmp_path, fmt):
             assert preprocess_image(load_image(path)).shape == (1, 3, 336, 336)
         except MvlmError as e:
             assert "\n" not in str(e) and str(e).startswith(f"{path}: ")
+
+
+# Formats and orientation ----------------------------------------------------------------------------
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _picture() -> Image.Image:
+    """A 40x24 picture whose every pixel differs from its mirror images (a rotation shows)."""
+    y, x = np.mgrid[0:24, 0:40]
+    return Image.fromarray(np.stack([x * 6, y * 10, x * y % 256], axis=-1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM"])
+def test_the_accepted_raster_formats_decode(fmt):
+    from mvlm_compile.model.preprocess import decode_image
+
+    assert decode_image(_encoded(_picture(), fmt)).size == (40, 24)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PCX", "TGA", "ICO", "SGI"])
+def test_other_formats_are_refused_unopened(monkeypatch, fmt):
+    """Pillow reads these too (EPS by running Ghostscript); an image from a stranger gets no such parser."""
+    from PIL import EpsImagePlugin
+
+    from mvlm_compile.model.preprocess import decode_image
+
+    data = _encoded(_picture(), fmt)
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: opened.append(args))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: opened.append(self.format))
+    with pytest.raises(MvlmError, match=r"^image: not an image file in an accepted format \(PNG, JPEG, "):
+        decode_image(data)
+    assert opened == []
+
+
+def test_a_jpeg_is_turned_upright_by_its_exif_orientation():
+    """Orientation 6: the camera was turned, the stored pixels must be rotated 90 degrees clockwise to show."""
+    from mvlm_compile.model.preprocess import decode_image
+
+    upright = _encoded(_picture(), "JPEG", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    turned = _encoded(_picture(), "JPEG", quality=95, exif=exif.tobytes())
+    stored = np.asarray(decode_image(upright))  # the same encoded pixels, without the tag
+    shown = np.asarray(decode_image(turned))
+    assert shown.shape == (40, 24, 3)
+    np.testing.assert_array_equal(shown, np.rot90(stored, k=-1))

@@ -4,8 +4,9 @@ and raw HTTP.
 
 The expected answer is the FP32 PyTorch reference's (golden/tiny-shapes/generation.json), its
 prompt's length counted from the golden input ids and the vision config (LDPv2 pools 2x2). Two
-servers per module: `server` with the defaults (and small body/image limits), `guarded` with an API
-key, no queue (--max-queue 0) and remote images allowed; the last test stops `guarded` with SIGTERM.
+servers per module: `server` with the defaults (and small body/image limits, short header and body
+timeouts), `guarded` with an API key (from a file), no queue (--max-queue 0) and remote images
+allowed; the last test stops `guarded` with SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import http.server
 import io
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -38,6 +40,7 @@ IMAGE = GOLDEN_SHAPES / "image.png"
 MODEL = "tiny-shapes"  # the recipe's name: the default model id
 API_KEY = "test-key-123"
 MAX_BODY, MAX_IMAGE = 2 * 2**20, 2**20
+HEADER_TIMEOUT = BODY_TIMEOUT = 2  # seconds
 # Sampling at temperature 100 is near uniform over the vocabulary, so EOS (1 in 512) rarely ends it:
 # with one of these seeds the answer runs to max_tokens, a generation long enough to hang up on.
 LONG = {"temperature": 100, "max_tokens": 300}
@@ -121,14 +124,22 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(shapes_int4):
-    s = Server(shapes_int4, "--max-queue", "8", "--max-body-bytes", str(MAX_BODY), "--max-image-bytes", str(MAX_IMAGE))
+    s = Server(
+        shapes_int4,
+        *("--max-queue", "8", "--max-body-bytes", str(MAX_BODY), "--max-image-bytes", str(MAX_IMAGE)),
+        *("--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)),
+    )
     yield s
     assert s.stop() == 0, "".join(s.log)
 
 
 @pytest.fixture(scope="module")
-def guarded(shapes_int4):
-    s = Server(shapes_int4, "--api-key", API_KEY, "--max-queue", "0", "--max-batch", "1", "--allow-remote-images")
+def guarded(shapes_int4, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("key") / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    s = Server(
+        shapes_int4, "--api-key-file", str(key_file), "--max-queue", "0", "--max-batch", "1", "--allow-remote-images"
+    )
     yield s
     s.stop()
 
@@ -331,6 +342,10 @@ BAD_REQUESTS = {
     "messages not a list": (body(messages="hi"), 400, "messages"),
     "n > 1": (body(n=2), 400, "n"),
     "not an object": ([1, 2], 400, None),
+    "stream not a boolean": (body(stream="yes"), 400, "stream"),
+    "max_tokens not an integer": (body(max_tokens="5"), 400, "max_tokens"),
+    "temperature not a number": (body(temperature="0"), 400, "temperature"),
+    "a question that cannot fit": (body(messages=ask("x" * 1_500_000)), 400, "messages"),
 }
 
 
@@ -353,6 +368,8 @@ def test_bad_requests_get_openai_errors(server, name):
         (b"\xff\xfe", {"content-type": "application/json"}, 400),
         (b"model=tiny-shapes", {"content-type": "application/x-www-form-urlencoded"}, 415),
         (b"{}", {}, 415),
+        (b"[" * 100_000, {"content-type": "application/json"}, 400),  # nested deeper than the parser goes
+        (b'{"model": "tiny-shapes", "tools": ' + b"[" * 100_000, {"content-type": "application/json"}, 400),
     ],
 )
 def test_malformed_bodies(server, content, headers, status):
@@ -384,7 +401,7 @@ def raw_request(port: int, head: str, body: bytes) -> bytes:
 def test_oversize_body_is_refused_before_it_is_read(server):
     """A declared 1 GB body: 413 after 1 KiB of it, the rest never sent."""
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {10**9}\r\n\r\n"
     )
     answer = raw_request(server.port, head, b"{" + b" " * 1023)
@@ -392,12 +409,109 @@ def test_oversize_body_is_refused_before_it_is_read(server):
     assert b"--max-body-bytes" in answer
     # Chunked (no length declared): refused once what came exceeds the limit.
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     )
     size = MAX_BODY + 4096
     answer = raw_request(server.port, head, f"{size:x}\r\n".encode() + b" " * size + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_host_must_be_this_server_without_an_api_key(server):
+    """A page whose name was rebound to 127.0.0.1 sends its own name as Host: refused without a key."""
+    rebound = httpx.get(f"{server.url}/v1/models", headers={"Host": f"attacker.example:{server.port}"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    assert "--allowed-host" in rebound.json()["error"]["message"]
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", f"[::1]:{server.port}", "LOCALHOST"):
+        assert httpx.get(f"{server.url}/v1/models", headers={"Host": host}).status_code == 200, host
+    assert httpx.get(f"{server.url}/health", headers={"Host": "attacker.example"}).status_code == 200  # probes
+
+
+def test_slow_clients_are_disconnected(server):
+    """Connections that trickle their request head (or send nothing) are closed after --header-timeout."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    connections = [socket.create_connection(("127.0.0.1", server.port), timeout=1) for _ in range(4)]
+    closed_after = {}
+    started = time.monotonic()
+    while len(closed_after) < len(connections) and time.monotonic() - started < 6 * HEADER_TIMEOUT:
+        for i, s in enumerate(connections):
+            if i in closed_after:
+                continue
+            if i:  # all but the first send a byte of their head every 0.2 s, the first sends nothing
+                with contextlib.suppress(OSError):
+                    s.sendall(head[: int((time.monotonic() - started) * 5) % len(head)][-1:] or b"P")
+            s.settimeout(0.05)
+            try:
+                if s.recv(1024) == b"":
+                    closed_after[i] = time.monotonic() - started
+            except TimeoutError:
+                pass
+            except OSError:  # reset by the server
+                closed_after[i] = time.monotonic() - started
+    for s in connections:
+        s.close()
+    assert sorted(closed_after) == list(range(len(connections))), closed_after
+    assert all(t >= HEADER_TIMEOUT - 0.1 for t in closed_after.values()), closed_after
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_a_body_that_does_not_arrive_frees_its_place(server):
+    """Admitted, then a body that stops after 10 of 1000 bytes: 408 after --body-timeout, the queue empty."""
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n"
+    )
+    answer = raw_request(server.port, head, b'{"model": ')
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"--body-timeout" in answer
+    assert server.metrics()["mvlm_queue_depth"] == 0
+
+
+def vm_kib(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split(f"{field}:")[1].split()[0])
+
+
+def test_a_burst_of_the_largest_requests_stays_within_the_memory_bound(server):
+    """24 at once, each a body of --max-body-bytes holding the largest image there is to decode
+    (7071x7071 pixels in a 50 KB PNG): the server's peak memory grows by at most serve's stated bound."""
+    from mvlm_compile.model.preprocess import MAX_IMAGE_PIXELS
+    from mvlm_compile.serve.app import ServeOptions, memory_bound
+
+    side = math.isqrt(MAX_IMAGE_PIXELS)
+    picture = Image.new("P", (side, side))
+    picture.putpalette(list(range(256)) * 3)
+    encoded = io.BytesIO()
+    picture.save(encoded, "PNG")
+    request = body(messages=ask(url=data_url(encoded.getvalue())), max_tokens=1)
+    request["padding"] = "x" * (MAX_BODY - len(json.dumps(request)) - 64)  # an unknown field, ignored
+    content = json.dumps(request).encode()
+    assert MAX_BODY - 100 < len(content) <= MAX_BODY
+
+    def post(_: int) -> int | str:
+        try:
+            r = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                content=content,
+                headers={"Content-Type": "application/json"},
+                timeout=120,
+            )
+            return r.status_code
+        except httpx.TransportError:  # refused with 429 before its body was read, the rest unsent
+            return "closed"
+
+    pid = server.process.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) starts again from what is resident
+    before = vm_kib(pid, "VmRSS") * 1024
+    burst = 24
+    with ThreadPoolExecutor(burst) as pool:
+        statuses = list(pool.map(post, range(burst)))
+    grown = vm_kib(pid, "VmHWM") * 1024 - before
+    options = ServeOptions(Path("."), max_queue=8, max_body_bytes=MAX_BODY, max_image_bytes=MAX_IMAGE)
+    bound = memory_bound(options, connections=burst, slots=4)  # the session's default for artifacts
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 429, "closed"}, statuses
+    assert grown <= bound, f"grew by {grown / 2**20:.0f} MiB; the bound is {bound / 2**20:.0f} MiB"
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
@@ -448,6 +562,46 @@ def test_full_queue_is_429(guarded, long_seed, reference):
             assert refused.value.code == "queue_full" and refused.value.response.headers["retry-after"] == "1"
             assert [line for line in lines if line][-1] == "data: [DONE]"  # the running answer is unharmed
     assert client.chat.completions.create(model=MODEL, messages=ask()).choices[0].message.content == reference["text"]
+
+
+def test_a_full_queue_refuses_before_reading_the_body(guarded, long_seed):
+    """--max-queue 0: while one answer streams, a request declaring a 10 MB body gets 429 after its head."""
+    request = body(stream=True, seed=long_seed, **LONG)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=60, headers=headers) as http:
+        with http.stream("POST", f"{guarded.url}/v1/chat/completions", json=request) as r:
+            lines = r.iter_lines()
+            first_content(lines)
+            head = (
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {API_KEY}\r\nContent-Length: {10**7}\r\n\r\n"
+            )
+            answer = raw_request(guarded.port, head, b"{")
+            assert answer.startswith(b"HTTP/1.1 429 "), answer[:200]
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+
+
+def test_the_api_key_may_come_from_a_file_or_the_environment_only(shapes_int4, tmp_path):
+    """Not both: a key given twice is a usage error (exit 2) before anything loads."""
+    import os
+
+    key_file = tmp_path / "key"
+    key_file.write_text("")
+    port = str(free_ports()[0])
+    for args, env, says in [
+        (["--api-key-file", str(key_file)], {}, "empty"),
+        (["--api-key-file", str(tmp_path)], {}, "not a regular file"),
+        (["--api-key-file", str(key_file)], {"MVLM_API_KEY": "k"}, "give the key once"),
+    ]:
+        done = subprocess.run(
+            cli_argv_without_torch(["serve", str(shapes_int4), "--port", port, *args]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **env},
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: --api-key-file") and says in done.stderr
 
 
 @pytest.fixture

@@ -136,13 +136,6 @@ def test_a_second_request_from_the_thread_holding_a_stream_is_answered(session, 
     assert first + "".join(held) == reference_answer[0]
 
 
-def test_generate_after_close_is_a_clear_error(shapes_int4):
-    session = Session(shapes_int4, max_batch=1)
-    session.close()
-    with pytest.raises(MvlmError, match="the session is closed"):
-        session.generate(IMAGE, QUESTION)
-
-
 @pytest.mark.parametrize(
     "image, prompt, options, message",
     [
@@ -181,3 +174,119 @@ def test_example_runs(shapes_int4, reference_answer):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(reference_answer[0]) == 2
     assert "vision runs: 1, answered from the image cache: 1" in result.stdout
+
+
+class CountingTokenizer:
+    """The session's tokenizer, recording every text it is asked to encode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.encoded = tokenizer, []
+
+    def encode(self, text: str, *args, **kwargs):
+        self.encoded.append(text)
+        return self.tokenizer.encode(text, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_question_that_cannot_fit_is_refused_before_it_is_tokenized(session, monkeypatch):
+    counting = CountingTokenizer(session._chat.tokenizer)
+    monkeypatch.setattr(session._chat, "tokenizer", counting)
+    with pytest.raises(MvlmError, match=r"^--prompt: 3000000 characters cannot fit in the context"):
+        session.generate(IMAGE, "x" * 3_000_000)
+    assert counting.encoded == []
+    # What the bound lets through is tokenized once, and refused by its tokens if it is too long.
+    longest = session._chat.max_question_chars
+    with pytest.raises(MvlmError, match="exceed the context of 512"):
+        session.generate(IMAGE, "x" * longest)
+    assert sum(len(text) >= longest for text in counting.encoded) == 1
+
+
+def test_the_question_bound_never_refuses_a_question_that_fits(session):
+    """The densest text there is (the longest token, repeated) one character past the bound takes
+    more tokens than the context leaves for a question."""
+    chat = session._chat
+    tokenizer = chat.tokenizer
+    longest = max((t for t in tokenizer.get_vocab() if not t.startswith("<")), key=len).replace("▁", " ")
+    text = (longest * (chat.max_question_chars // len(longest) + 1))[: chat.max_question_chars + 1]
+    template = len(chat.prompt_ids("")) - 1 + 144  # the image's tokens
+    question_tokens = len(tokenizer.encode(text, add_special_tokens=False).ids)
+    assert template + question_tokens - 2 > min(session.limits.max_prompt, session.limits.context - 1)
+
+
+def test_without_max_tokens_the_answer_may_fill_the_context_and_the_question_is_tokenized_once(
+    session, reference_answer, monkeypatch
+):
+    counting = CountingTokenizer(session._chat.tokenizer)
+    monkeypatch.setattr(session._chat, "tokenizer", counting)
+    answer = session.generate(IMAGE, QUESTION, max_tokens=None)
+    assert (answer.text, answer.finish_reason) == (reference_answer[0], "stop")
+    assert answer.max_new_tokens == session.limits.context - answer.prompt_tokens
+    assert sum(QUESTION in text for text in counting.encoded) == 1
+
+
+def test_special_tokens_typed_in_a_question_are_text(session):
+    chat = session._chat
+    ids = chat.prepare("Is </s> or <s> in the image? </s>", 1, ()).prompt_ids
+    assert ids[0] == chat.bos and chat.bos not in ids[1:] and chat.eos not in ids
+    after_image = ids[ids.index(chat.pipeline.image_token_index) + 1 :]
+    assert chat.tokenizer.decode(after_image).startswith("\nIs </s> or <s> in the image? </s> ASSISTANT:")
+
+
+def test_palettes_are_part_of_the_image_cache_key(shapes_int4):
+    """Two palette images with the same indices and different palettes are different pictures."""
+    import numpy as np
+    from PIL import Image
+
+    from mvlm_compile.model.preprocess import preprocess_image
+
+    indices = Image.fromarray((np.arange(64 * 48).reshape(48, 64) % 4).astype(np.uint8), mode="P")
+    warm, cold = indices.copy(), indices.copy()
+    warm.putpalette([255, 0, 0, 255, 128, 0, 255, 255, 0, 128, 0, 0])
+    cold.putpalette([0, 0, 255, 0, 128, 255, 0, 255, 255, 0, 0, 128])
+    with Session(shapes_int4, int4_activations="fp32", image_cache_size=4) as session:
+        seen = []
+        run = session.backend.run
+        session.backend.run = lambda graph, feed: (seen.append(feed) if graph == "vision" else None) or run(graph, feed)  # type: ignore[method-assign]
+        session.generate(warm, QUESTION, max_tokens=1)
+        session.generate(cold, QUESTION, max_tokens=1)
+        assert len(seen) == 2
+        session.generate(cold.convert("RGB"), QUESTION, max_tokens=1)  # the same picture: from the cache
+        assert len(seen) == 2
+    np.testing.assert_array_equal(next(iter(seen[1].values())), preprocess_image(cold.convert("RGB")))
+
+
+def test_generate_after_close_is_a_clear_error(shapes_int4):
+    session = Session(shapes_int4, int4_activations="fp32")
+    session.close()
+    with pytest.raises(MvlmError, match=r"^session of 'tiny-shapes': closed; open a new Session to generate$"):
+        session.generate(IMAGE, QUESTION, max_tokens=1)
+
+
+def test_the_embedding_table_served_does_not_change_under_the_session(tmp_path):
+    """The table overwritten in place, then truncated, while a session serves it: the same answers
+    (before, it was memory-mapped: the answers changed, then the process died with SIGBUS)."""
+    from conftest import copy_tiny_bundle
+
+    bundle = copy_tiny_bundle(tmp_path / "bundle")
+    script = f"""
+import os, sys
+from mvlm_compile import Session
+from mvlm_compile.model.preprocess import golden_image
+table = {str(bundle / "artifacts" / "embed_tokens.npy")!r}
+with Session({str(bundle)!r}, int4_activations="fp32") as session:
+    ask = lambda: session.generate(golden_image(), "What is in the image?", max_tokens=8).text
+    first = ask()
+    size = os.path.getsize(table)
+    with open(table, "r+b") as f:  # in place: the same inode, other numbers
+        f.seek(128)
+        f.write(bytes(range(256)) * ((size - 128) // 256) + bytes((size - 128) % 256))
+    overwritten = ask()
+    os.truncate(table, 128)
+    truncated = ask()
+    print(first == overwritten == truncated)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "True", done.stdout

@@ -324,6 +324,22 @@ def test_the_repository_is_self_contained(shapes_int4, tmp_path):
     assert again.exit_code == 0, again.output
 
 
+def test_the_server_command_is_quoted_for_the_shell(shapes_int4, tmp_path):
+    """Pasted into bash, the printed command and SERVE.txt's run tritonserver on the repository,
+    whatever its name holds; nothing else runs."""
+    out = tmp_path / "r;touch PWNED $(touch PWNED2)"
+    result = CliRunner().invoke(cli, ["triton", str(shapes_int4), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    printed = result.stdout.splitlines()[-1].strip()
+    noted = next(line.strip() for line in (out / "SERVE.txt").read_text().splitlines() if "tritonserver" in line)
+    for command, repository in [(printed, str(out)), (noted, out.name)]:
+        fake = 'tritonserver() { printf "%s\\n" "$@"; }; '  # stands in for the server: prints its arguments
+        ran = subprocess.run(["bash", "-c", fake + command], cwd=tmp_path, capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.splitlines() == ["--model-repository", repository]
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED2").exists()
+
+
 def test_external_weights_are_copied_and_the_repository_answers(shapes_int4, tmp_path, monkeypatch):
     """A full-size bundle keeps its weights in <graph>.onnx.data, which onnx refuses to read from a file
     of several hard links: the repository copies those (linking them failed every 1.7B request)."""

@@ -288,6 +288,16 @@ def test_layer_counts_are_checked_against_the_weights_before_anything_is_built(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("context", [10**12, 1e12])
+def test_build_refuses_a_huge_context_before_any_work(tiny_checkpoint, tmp_path, context):
+    """An integer context is refused like its float spelling, before build writes anything."""
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
+    _edit_config(checkpoint, max_position_embeddings=context)
+    result = _cli("build", checkpoint, "--target", "rtx-sm86", "--out", tmp_path / "bundle")
+    _assert_one_line_input_error(result, f"{checkpoint / 'config.json'}: max_position_embeddings is {context!r}")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_a_clip_directorys_layer_count_is_checked_too(tiny_separate, tmp_path):
     checkpoint, clip = tiny_separate
     clip = shutil.copytree(clip, tmp_path / "clip")

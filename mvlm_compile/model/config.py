@@ -30,6 +30,10 @@ KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The longest context a config may claim (MobileVLM V2's is 2048): a larger one is refused before any
+# work, as its float spelling (1e12) is, rather than sizing caches and profiles from it.
+MAX_CONTEXT = 2**20
+
 # LLaMA keys a MobileVLM config must carry for the decoder.
 _REQUIRED_TEXT_KEYS = (
     "hidden_size",
@@ -271,6 +275,10 @@ def _check_text_geometry(raw: dict[str, Any], path: Path) -> None:
             _positive_number(raw[key], key, path)
         else:
             _positive_int(raw[key], key, path)
+    if raw["max_position_embeddings"] > MAX_CONTEXT:
+        raise CheckpointError(
+            f"{path}: max_position_embeddings is {raw['max_position_embeddings']}, expected at most {MAX_CONTEXT}"
+        )
     heads = raw["num_attention_heads"]
     kv_heads = raw.get("num_key_value_heads") or heads
     _positive_int(kv_heads, "num_key_value_heads", path)

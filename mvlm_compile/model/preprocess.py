@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mvlm_compile.errors import MvlmError
 
@@ -36,6 +36,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 336
 MAX_IMAGE_PIXELS = 50_000_000  # of the padded square: about 150 MB as 8-bit RGB
 MAX_IMAGE_FILE_BYTES = 256 * 2**20  # read whole before decoding: larger than any image within MAX_IMAGE_PIXELS
+# The raster formats an image may be in. Pillow knows many more, some of which run other programs
+# (EPS starts Ghostscript) or parse rarely exercised containers: an image from a stranger gets none of them.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -85,16 +88,20 @@ def check_image_size(width: int, height: int, what: str = "image") -> None:
 
 UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit samples, 0..65535
 UINT16_MAX = 65535
+_UINT16_TO_UINT8 = np.rint(np.arange(UINT16_MAX + 1) * (255 / UINT16_MAX)).astype(np.uint8)
 # Formats Pillow decodes 16-bit greyscale from as mode "I", samples scaled to 0..65535.
 _UINT16_AS_I_FORMATS = ("PNG", "PPM")
+
+
+def _uint16_to_rgb(samples: np.ndarray) -> Image.Image:
+    # A table of every sample's 8-bit value: one byte per pixel, where float arithmetic took 24.
+    return Image.fromarray(_UINT16_TO_UINT8[samples]).convert("RGB")  # 2-D uint8: mode L
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB: 16-bit samples scaled by their range (not clipped), 32-bit ones refused."""
     if image.mode in UINT16_MODES:
-        samples = np.asarray(image, dtype=np.float64)
-        eight_bit = np.rint(samples * (255 / UINT16_MAX)).astype(np.uint8)
-        return Image.fromarray(eight_bit).convert("RGB")  # 2-D uint8: mode L
+        return _uint16_to_rgb(np.asarray(image, dtype=np.uint16))
     if image.mode in ("I", "F"):
         kind = "32-bit integer" if image.mode == "I" else "32-bit float"
         raise MvlmError(
@@ -149,19 +156,21 @@ def load_image(path: Path) -> Image.Image:
 
 
 def decode_image(data: bytes, what: str = "image") -> Image.Image:
-    """Decode an encoded image (PNG, JPEG, ...) held in memory as 8-bit RGB (to_rgb), once its header
-    shows that pre-processing stays within MAX_IMAGE_PIXELS. `what` names it in errors."""
+    """Decode an encoded image in one of IMAGE_FORMATS held in memory as 8-bit RGB (to_rgb), upright
+    (its EXIF orientation applied, as a viewer shows it), once its header shows that pre-processing
+    stays within MAX_IMAGE_PIXELS. `what` names it in errors."""
     if not data:
         raise MvlmError(f"{what}: empty (0 bytes), not an image")
     try:
         with warnings.catch_warnings():
             # Pillow warns, then raises, at its own higher pixel limit: make both errors here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:  # reads the header only
                 check_image_size(*image.size, what=what)
                 image.load()
+                ImageOps.exif_transpose(image, in_place=True)  # a no-op (no copy) for an upright image
                 if image.mode == "I" and image.format in _UINT16_AS_I_FORMATS:  # 16-bit PGM: samples 0..65535
-                    return to_rgb(Image.fromarray(np.asarray(image).astype(np.uint16)))
+                    return _uint16_to_rgb(np.asarray(image).astype(np.uint16))
                 return to_rgb(image)
     except MvlmError as e:
         message = e.format_message()
@@ -169,7 +178,7 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MvlmError(f"{what}: refused as a decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:
-        raise MvlmError(f"{what}: not an image file (unknown format)") from None
+        raise MvlmError(f"{what}: not an image file in an accepted format ({', '.join(IMAGE_FORMATS)})") from None
     except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, EOFError... on broken files
         raise MvlmError(f"{what}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())})") from None
 

@@ -31,9 +31,12 @@ def prefill_feed(model: dict, embeds: np.ndarray, kv_dtype: type) -> dict[str, n
 
 
 def load_embed_table(path: Path, model: dict) -> np.ndarray:
-    """The token embedding table [vocab, hidden], memory-mapped; one-line errors for a bad file."""
+    """The token embedding table [vocab, hidden], read into memory; one-line errors for a bad file.
+
+    Read whole, not memory-mapped: a served table must not change under the server (a file truncated
+    in place would kill it with SIGBUS at the next token; one overwritten would change its answers)."""
     try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
+        table = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise ArtifactError(f"{path}: not a readable embedding table (.npy without pickles: {e})") from None
     expected = (int(model["vocab_size"]), int(model["hidden_size"]))
@@ -147,6 +150,7 @@ class Generation:
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length" (max tokens) or "cancelled"
+    max_new_tokens: int = 0  # as asked, or what the context leaves when none was asked
 
 
 class AnswerText:
@@ -191,24 +195,45 @@ class Chat:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
             raise ArtifactError(f"{path}: not a readable tokenizer.json ({e})") from None
+        # A user's "</s>" or "<s>" is text, never the end or start of the sequence: the template itself
+        # has no special token in its text (the post-processor adds BOS).
+        self.tokenizer.encode_special_tokens = True
         self.bos = int(manifest.model["bos_token_id"])
         self.eos = int(manifest.model["eos_token_id"])
+        limits = pipeline.backend.limits
+        template = len(self.prompt_ids("")) - 1 + int(manifest.model["image_tokens"])
+        # A question longer than this cannot fit, whatever it says: each token stands for at most
+        # `chars_per_token` characters (LLaMA's normalizer maps one character to one), and 2 tokens of
+        # slack cover merges across the question's two ends. Checked before tokenizing, so the work a
+        # request costs is bounded by the context, not by its length.
+        chars_per_token = max(len(token) for token in self.tokenizer.get_vocab(with_added_tokens=True))
+        self.max_question_chars = (max(0, min(limits.max_prompt, limits.context - 1) - template) + 2) * chars_per_token
 
     def prompt_ids(self, question: str) -> list[int]:
         return tokenize_with_image(build_prompt(question), lambda text: self.tokenizer.encode(text).ids, self.bos)
 
-    def prepare(self, question: str, max_new_tokens: int, stop: Sequence[str]) -> Generation:
-        """A request checked against the options' ranges and the backend's limits before any graph runs."""
+    def prepare(self, question: str, max_new_tokens: int | None, stop: Sequence[str]) -> Generation:
+        """A request checked against the options' ranges and the backend's limits before any graph runs.
+        `max_new_tokens` None: as many as the context leaves (at least 1). The question is tokenized once."""
+        limits = self.pipeline.backend.limits
+        if len(question) > self.max_question_chars:
+            raise MvlmError(
+                f"--prompt: {len(question)} characters cannot fit in the context: at most {self.max_question_chars} "
+                f"would ({limits.source})"
+            )
         check_question(question)
-        if max_new_tokens < 1:
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise MvlmError(f"--max-new-tokens {max_new_tokens}: expected at least 1")
         if any(not s for s in stop):
             raise MvlmError("--stop: an empty stop string would stop before the first token")
         ids = self.prompt_ids(question)
         prompt_tokens = len(ids) - 1 + int(self.pipeline.backend.manifest.model["image_tokens"])
+        if max_new_tokens is None:
+            max_new_tokens = max(1, limits.context - prompt_tokens)
         # The backend's limits: an engine's profiles may be tighter than the model's context.
-        self.pipeline.backend.limits.check(prompt_tokens, max_new_tokens)
-        return Generation(ids, prompt_tokens)
+        limits.check(prompt_tokens, max_new_tokens)
+        return Generation(ids, prompt_tokens, max_new_tokens=max_new_tokens)
 
-    def answer_text(self, generation: Generation, max_new_tokens: int, stop: Sequence[str]) -> AnswerText:
-        return AnswerText(generation, self.tokenizer, self.eos, max_new_tokens, stop)
+    def answer_text(self, generation: Generation, stop: Sequence[str]) -> AnswerText:
+        """How the prepared `generation`'s tokens become its text (its max_new_tokens as prepared)."""
+        return AnswerText(generation, self.tokenizer, self.eos, generation.max_new_tokens, stop)

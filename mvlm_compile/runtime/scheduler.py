@@ -131,7 +131,7 @@ class BatchScheduler:
     def submit(self, request: Request) -> None:
         with self._wake:
             if self._closed:
-                raise MvlmError("the session is closed: open a new Session to generate")
+                raise MvlmError("the session is closed: open a new Session to generate")  # closed meanwhile
             self._waiting.append(request)
             self._wake.notify()
 

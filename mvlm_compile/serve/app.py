@@ -8,7 +8,17 @@
 The session loads on the generation thread after the server starts listening, so /health answers
 503 while a large engine loads. Every error is OpenAI's JSON shape with a 4xx/5xx status, checked
 before the request waits for the model; the server stays up. With an API key, /v1/* needs
-`Authorization: Bearer KEY` (401 otherwise); /health and /metrics stay open for probes and scrapers.
+`Authorization: Bearer KEY` (401 otherwise); without one, /v1/* answers only requests whose Host is
+this machine's loopback name, the --host it listens on or an --allowed-host (403 otherwise: a web
+page whose name was rebound to this address gets nothing). /health and /metrics stay open for probes
+and scrapers.
+
+Memory: a request takes its place in the queue (or gets 429) before its body is read, so only the
+admitted ones (at most max_batch + max_queue) hold a body; the rest wait in uvicorn's 64 KiB read buffer. An
+admitted request holds at most REQUEST_BODY_COPIES copies of --max-body-bytes while its body is read
+and parsed, plus its image (--max-image-bytes); IMAGE_DECODES images are decoded at once, each in at
+most DECODE_BYTES_PER_PIXEL bytes per pixel of preprocess.MAX_IMAGE_PIXELS. `memory_bound` adds these
+up: what a burst of the largest requests can add to the loaded server.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +46,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mvlm_compile.errors import MvlmError
+from mvlm_compile.model.preprocess import MAX_IMAGE_PIXELS
 from mvlm_compile.runtime.scheduler import DEFAULT_PREFILL_CHUNK
 from mvlm_compile.serve.errors import APIError, from_session_error
 from mvlm_compile.serve.images import image_bytes
@@ -55,6 +67,13 @@ log = logging.getLogger("mvlm_compile.serve")
 MiB = 2**20
 DISCONNECT_POLL_S = 0.1  # how soon a client that hung up frees the engine (plus one token)
 ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# The body as read, as text while it is parsed, the data URL parsed out of it, and its base64 part
+# while it is decoded: each at most --max-body-bytes.
+REQUEST_BODY_COPIES = 4
+IMAGE_DECODES = 1  # the largest image takes hundreds of MB while it is decoded: one at a time
+DECODE_BYTES_PER_PIXEL = 12  # decoding and pre-processing any accepted format (measured: at most 11.6)
+CONNECTION_BYTES = 2**20  # uvicorn's read buffer (64 KiB) and one socket read (256 KiB), rounded up
 
 
 @dataclass
@@ -72,6 +91,7 @@ class ServeOptions:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     model_name: str | None = None
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
     max_queue: int = 16
@@ -79,8 +99,20 @@ class ServeOptions:
     max_image_bytes: int = 10 * MiB
     allow_remote_images: bool = False
     image_fetch_timeout: float = 10.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
     drain_timeout: int = 30
     log_level: str = "info"
+
+
+def memory_bound(options: ServeOptions, connections: int, slots: int) -> int:
+    """The most memory (bytes) requests can add to the loaded server while `connections` are open:
+    the admitted requests' bodies and images (`slots`: the session's max batch), the images being
+    decoded, and the connections' buffers."""
+    admitted = slots + options.max_queue
+    per_request = REQUEST_BODY_COPIES * options.max_body_bytes + options.max_image_bytes
+    decoding = IMAGE_DECODES * DECODE_BYTES_PER_PIXEL * MAX_IMAGE_PIXELS
+    return admitted * per_request + decoding + connections * CONNECTION_BYTES
 
 
 class _State:
@@ -97,6 +129,9 @@ class _State:
         self.created = int(time.time())
         self.fetcher: httpx.AsyncClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Taken on the thread that decodes (not on the event loop), so a client that hangs up
+        # mid-decode cannot free a place while its decode still runs.
+        self.decodes = threading.BoundedSemaphore(IMAGE_DECODES)
         self._on_load_failure = on_load_failure
 
     async def load(self) -> None:
@@ -164,28 +199,26 @@ class _State:
         max_tokens: int | None,
         stop: tuple[str, ...],
     ) -> TextStream:
-        """The session's checked stream for the request (on a thread: it decodes the image)."""
+        """The session's checked stream for the request (on a thread: it tokenizes and decodes)."""
         session = self.require_ready()
         temperature = 0.0 if request.temperature is None else request.temperature
         seed = request.seed
         if seed is None:  # greedy needs none; sampling without a seed differs from call to call, as OpenAI's
             seed = secrets.randbelow(2**31) if temperature > 0 else 0
-        given = max_tokens is not None
         try:
-            if max_tokens is None:  # OpenAI's default: as many as the context leaves
-                max_tokens = max(1, session.limits.context - session.prompt_tokens(question.text))
-            return session.generate(
-                image,
-                question.text,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                seed=seed,
-                stop=stop,
-                stream=True,
-            )
+            with self.decodes:
+                return session.generate(
+                    image,
+                    question.text,
+                    max_tokens=max_tokens,  # None: OpenAI's default, as many as the context leaves
+                    temperature=temperature,
+                    top_p=1.0 if request.top_p is None else request.top_p,
+                    seed=seed,
+                    stop=stop,
+                    stream=True,
+                )
         except MvlmError as e:
-            raise from_session_error(e, question.image_param, given) from None
+            raise from_session_error(e, question.image_param, max_tokens is not None) from None
 
     async def close(self, loading: asyncio.Task) -> None:
         self.status = "stopping"
@@ -248,27 +281,16 @@ def create_app(options: ServeOptions, on_load_failure: Callable[[BaseException],
 
     async def chat_completions(request: Request) -> Response:
         state.require_ready()
-        chat = parse_request(await _read_json(request, options.max_body_bytes))
-        _check_model(chat.model)
-        question = the_question(chat)
-        max_tokens, stop = max_new_tokens(chat), stop_strings(chat)
+        # A place first: only admitted requests have their body read, parsed and decoded.
         job = state.worker.admit()
         try:
-            image = await image_bytes(
-                question.image_url,
-                question.image_param,
-                options.max_image_bytes,
-                state.fetcher,
-                options.image_fetch_timeout,
-            )
-            job.start(await asyncio.to_thread(state.prepare, chat, question, image, max_tokens, stop))
+            stream, include_usage = await _start(request, job)
         except BaseException:
             job.release()
             raise
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         completion = _Completion(state.model_name or "", job)
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        if stream:
             return StreamingResponse(
                 completion.events(watcher, include_usage),
                 media_type="text/event-stream",
@@ -279,6 +301,25 @@ def create_app(options: ServeOptions, on_load_failure: Callable[[BaseException],
         finally:
             watcher.cancel()
             job.cancel()  # a no-op once it ended; ends it if this handler is cancelled (drain timeout)
+
+    async def _start(request: Request, job: Job) -> tuple[bool, bool]:
+        """Read, check and start the admitted request; (stream, include_usage). Its body, data URL and
+        image bytes are not kept beyond this (the answer may take a while)."""
+        body = await _read_body(request, options.max_body_bytes, options.body_timeout)
+        chat = await asyncio.to_thread(_parse, body)  # megabytes of JSON: not on the event loop
+        del body
+        _check_model(chat.model)
+        question = the_question(chat)
+        max_tokens, stop = max_new_tokens(chat), stop_strings(chat)
+        image = await image_bytes(
+            question.image_url,
+            question.image_param,
+            options.max_image_bytes,
+            state.fetcher,
+            options.image_fetch_timeout,
+        )
+        job.start(await asyncio.to_thread(state.prepare, chat, question, image, max_tokens, stop))
+        return chat.stream, bool(chat.stream_options and chat.stream_options.include_usage)
 
     async def api_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, APIError)
@@ -399,8 +440,8 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     job.cancel()
 
 
-async def _read_json(request: Request, max_bytes: int) -> object:
-    """The JSON body, refused (415, 413, 400) before it is all read where possible."""
+async def _read_body(request: Request, max_bytes: int, timeout: float) -> bytearray:
+    """The JSON body's bytes, refused (415, 413, 408) before it is all read where possible."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise APIError(415, f"Content-Type {media_type or '(none)'!r}: expected application/json")
@@ -409,22 +450,40 @@ async def _read_json(request: Request, max_bytes: int) -> object:
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_bytes:
+                raise too_large
+
     try:
-        return json.loads(body)
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        # An admitted request holds a place in the queue: a client that trickles its body loses it.
+        raise APIError(408, f"the request body took longer than {timeout:g} s to arrive (--body-timeout)") from None
+    return body
+
+
+def _parse(body: bytearray) -> ChatCompletionRequest:
+    try:
+        document = json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    return parse_request(document)
 
 
 class _Gate:
-    """ASGI middleware around the app: the API key for /v1/*, and requests counted by endpoint and status."""
+    """ASGI middleware around the app: the API key (or, without one, the Host) for /v1/*, and requests
+    counted by endpoint and status."""
 
     def __init__(self, app: ASGIApp, state: _State) -> None:
         self.app, self.state = app, state
-        self._key = None if state.options.api_key is None else state.options.api_key.encode()
+        options = state.options
+        self._key = None if options.api_key is None else options.api_key.encode()
+        self._hosts = {h.lower().strip("[]") for h in (*LOOPBACK_HOSTS, options.host, *options.allowed_hosts)}
 
     def begin_drain(self, seconds: float) -> None:
         self.state.begin_drain(seconds)
@@ -443,22 +502,41 @@ class _Gate:
             await send(message)
 
         try:
-            if self._key is not None and path.startswith("/v1/") and not self._authorized(scope):
-                error = APIError(
-                    401,
-                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+            error = self._refusal(scope) if path.startswith("/v1/") else None
+            if error is not None:
                 await error.response()(scope, receive, counted_send)
             else:
                 await self.app(scope, receive, counted_send)
         finally:
             self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
 
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key or b"")
-        return False
+    def _refusal(self, scope: Scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        if self._key is not None:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+                return None
+            return APIError(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        host = headers.get(b"host", b"").decode("latin-1")
+        if _host_name(host) in self._hosts:
+            return None
+        # Without a key, a page from anywhere could reach this server through a name rebound to its address.
+        return APIError(
+            403,
+            f"Host {host!r}: this server, started without --api-key, answers only for "
+            f"{', '.join(sorted(self._hosts))} (--allowed-host NAME adds one)",
+            code="host_not_allowed",
+        )
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name, without its port: 'example.com:8000' -> 'example.com', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host

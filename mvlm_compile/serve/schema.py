@@ -21,7 +21,9 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # fields OpenAI adds later are not errors
+    # Fields OpenAI adds later are not errors; a field's value has its JSON type ("stream": "yes" is
+    # an error, not true; "max_tokens": "5" is not 5).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Lenient):

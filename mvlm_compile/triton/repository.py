@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,12 +80,12 @@ class TritonRepository:
     plugin: str | None  # the PEG plugin library, relative to the repository (the server loads it)
 
     def server_command(self, repository: str | None = None) -> str:
-        """The command that serves it (`repository`: the path the server sees, default this one)."""
+        """The shell command that serves it (`repository`: the path the server sees, default this one)."""
         where = repository or str(self.path)
-        command = f"tritonserver --model-repository {where}"
+        argv = ["tritonserver", "--model-repository", where]
         if self.plugin:
-            command += f" --backend-config=tensorrt,plugins={where}/{self.plugin}"
-        return command
+            argv.append(f"--backend-config=tensorrt,plugins={where}/{self.plugin}")
+        return shlex.join(argv)  # pasted into a shell: a path's ';' or spaces stay part of the path
 
     def to_json(self) -> dict[str, Any]:
         return {
