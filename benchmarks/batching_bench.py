@@ -123,49 +123,28 @@ def api_levels(bundle: Path, levels: list[int], max_tokens: int, chunk: int, thr
 def serve_levels(bundle: Path, levels: list[int], duration: int, chunk: int, threads: int) -> dict:
     """benchmarks/serve_bench.py's Locust levels against `serve BUNDLE --max-batch max(levels)`."""
     import importlib.util
-    import subprocess
 
     if importlib.util.find_spec("locust") is None:
         return {"skipped": "Locust is not installed (pip install -e '.[bench]')"}
-    from serve_bench import run_level  # noqa: E402
+    from serve_bench import run_level, start_server
 
     from mvlm_compile.ports import free_ports
 
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"
+    options = ("--max-batch", str(max(levels)), "--prefill-chunk", str(chunk))
     with tempfile.TemporaryDirectory(prefix="batching-bench-") as scratch:
-        log = Path(scratch) / "serve.log"
-        argv = [sys.executable, "-m", "mvlm_compile.cli", "serve", str(bundle), "--port", str(port)]
-        argv += ["--image-cache-size", "0", "--max-queue", "32", "--max-batch", str(max(levels))]
-        argv += ["--prefill-chunk", str(chunk), "--threads", str(threads), "--log-level", "warning"]
-        server = subprocess.Popen(argv, stderr=log.open("w"))
+        server = start_server(bundle, port, threads, Path(scratch) / "serve.log", options, ready_within=600)
         try:
-            wait_ready(server, url, log)
             results = []
             for users in levels:
-                result = run_level(url, users, duration, Path(scratch), "")
+                result = run_level(url, users, duration, Path(scratch), None)  # random weights: no known answer
                 print(f"[batching_bench] serve, {users} user(s): {json.dumps(result)}", file=sys.stderr, flush=True)
                 results.append(result)
         finally:
             server.terminate()
             server.wait(timeout=120)
     return {"duration_s": duration, "levels": results}
-
-
-def wait_ready(server, url: str, log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with status {server.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server was not ready within 600 s; see {log}")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -205,8 +184,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--kernel-layers", type=int, default=104, help="MatMulNBits stack (104: about 0.6 GB).")
     args = parser.parse_args()
+    args.report.parent.mkdir(parents=True, exist_ok=True)
 
-    manifest = json.loads((args.bundle / "artifacts" / "manifest.json").read_text())
+    from mvlm_compile.bundle import resolve_artifacts
+
+    manifest = json.loads((resolve_artifacts(args.bundle)[1] / "manifest.json").read_text())
     report = {
         "model": manifest["model"].get("recipe"),
         "host": {"cores": len(os.sched_getaffinity(0)), "cpu": platform.processor(), "load": os.getloadavg()},
@@ -225,7 +207,7 @@ def main() -> int:
             r["per_stream_tok_s"],
             r["aggregate_decode_tok_s"],
             r["gain_over_one_stream"],
-            next((k["gain"] for k in report["kernel"]["per_rows"] if k["rows"] == r["streams"]), ""),
+            next((round(k["gain"], 2) for k in report["kernel"]["per_rows"] if k["rows"] == r["streams"]), ""),
             r["worst_inter_token_gap_s"],
         )
         for r in report["api"]

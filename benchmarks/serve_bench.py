@@ -53,10 +53,14 @@ def build_bundle(workdir: Path) -> Path:
     return bundle
 
 
-def start_server(bundle: Path, port: int, threads: int, log: Path) -> subprocess.Popen:
+def start_server(
+    bundle: Path, port: int, threads: int, log: Path, options: tuple[str, ...] = (), ready_within: int = 300
+) -> subprocess.Popen:
+    """`mvlm-compile serve BUNDLE` (every request a new image: no image cache) with `options`, once /health is 200."""
     argv = mvlm_compile("serve", str(bundle), "--port", str(port), "--image-cache-size", "0", "--max-queue", "32")
-    server = subprocess.Popen([*argv, "--threads", str(threads), "--log-level", "warning"], stderr=log.open("w"))
-    deadline = time.monotonic() + 300
+    argv += [*options, "--threads", str(threads), "--log-level", "warning"]
+    server = subprocess.Popen(argv, stderr=log.open("w"))
+    deadline = time.monotonic() + ready_within
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"the server exited with status {server.returncode}; see {log}")
@@ -67,7 +71,7 @@ def start_server(bundle: Path, port: int, threads: int, log: Path) -> subprocess
             pass
         time.sleep(0.2)
     server.kill()
-    raise SystemExit(f"the server was not ready within 300 s; see {log}")
+    raise SystemExit(f"the server was not ready within {ready_within} s; see {log}")
 
 
 def completion_tokens(url: str) -> float:
@@ -77,7 +81,8 @@ def completion_tokens(url: str) -> float:
     raise SystemExit("the server's /metrics has no mvlm_completion_tokens_total")
 
 
-def run_level(url: str, users: int, duration: int, scratch: Path, expected: str) -> dict:
+def run_level(url: str, users: int, duration: int, scratch: Path, expected: str | None) -> dict:
+    """One Locust level; `expected`: the greedy answer to the first question (None: not checked)."""
     prefix = scratch / f"users{users}"
     argv = [
         *(sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary"),
@@ -86,7 +91,8 @@ def run_level(url: str, users: int, duration: int, scratch: Path, expected: str)
     ]
     tokens_before, started = completion_tokens(url), time.perf_counter()
     with open(f"{prefix}.log", "w") as log:
-        subprocess.run(argv, check=True, env={**os.environ, "SERVE_BENCH_EXPECTED": expected}, stdout=log, stderr=log)
+        env = {**os.environ, **({} if expected is None else {"SERVE_BENCH_EXPECTED": expected})}
+        subprocess.run(argv, check=True, env=env, stdout=log, stderr=log)
     seconds = time.perf_counter() - started
     tokens = completion_tokens(url) - tokens_before
     with open(f"{prefix}_stats.csv", newline="") as f:
