@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from mvlm_compile import __version__
 from mvlm_compile.errors import EnginesDeferred, InternalError, Interrupted, MvlmError, NumericalFailure
 
 EXIT_STATUS_HELP = """Exit status: 0 success; 1 numerical failure (verify); 2 usage or input error;
@@ -133,7 +132,7 @@ def _artifacts_of(path: Path) -> tuple[Path, Path]:
 
 
 @click.group(cls=PipelineGroup, epilog=EXIT_STATUS_HELP)
-@click.version_option(__version__, prog_name="mvlm-compile")
+@click.version_option(package_name="mvlm-compile", prog_name="mvlm-compile")
 @click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:

@@ -1,7 +1,7 @@
-"""A bundle, checkpoint, golden set or image from elsewhere is untrusted input (issue 20): no
+"""A bundle, checkpoint, golden set or image from elsewhere is untrusted input: no
 resource bomb from a small file, no silently wrong answer, and a clear one-line error with exit
-status 2 where a number in a file asks for the impossible. Each test fails on the code before
-the issue's fix."""
+status 2 where a number in a file asks for the impossible. Each test fails on code without the
+check it names."""
 
 from __future__ import annotations
 
