@@ -314,7 +314,7 @@ def optimize(artifacts: Path, allow_missing: tuple[str, ...], as_json: bool) -> 
     type=int,
     default=None,
     help="INT4 scale group along the input dimension. Default: the recipe's (128; tiny 32). "
-    "256 decodes ~1.35x faster in ONNX Runtime on x86 CPUs; check its accuracy (README: Benchmarks).",
+    "256 decodes ~1.35x faster in ONNX Runtime on x86 CPUs; check its accuracy (docs: Performance).",
 )
 @click.option(
     "--keep",

@@ -353,7 +353,7 @@ def test_a_bundle_without_its_reference_never_gets_one_made_from_the_rewritten_g
     from mvlm_compile.errors import EXIT_ENGINES_DEFERRED
 
     bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
-    shutil.rmtree(bundle / "artifacts" / "reference")  # left out when copying, as the README allows
+    shutil.rmtree(bundle / "artifacts" / "reference")  # left out when copying, as the docs allow
     result = _cli("build", bundle, "--target", "orin-nx-16gb", "--json")
     assert result.exit_code == EXIT_ENGINES_DEFERRED, result.output
     assert not (bundle / "artifacts" / "reference").exists()
