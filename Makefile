@@ -19,6 +19,8 @@ TINY_BUNDLE := tests/data/tiny-bundle
 # The embedded model that answers (trained by `make tiny-model`, committed) and its golden set.
 TINY_MODEL ?= models/tiny-shapes
 GOLDEN_SHAPES ?= golden/tiny-shapes
+# Material for MkDocs prints a banner about its successor on every build; the build's own warnings stay.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
 
 .PHONY: demo test docs lint-fix bench task-bench tiny-model plugin golden tiny-bundle clean
 
@@ -64,11 +66,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
-	$(BIN)/mkdocs build --strict -d build/docs-site
+	$(MKDOCS) build --strict -d build/docs-site
 
 # The documentation site (mkdocs.yml, docs/) into build/docs-site; `$(BIN)/mkdocs serve` previews it.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict -d build/docs-site
+	$(MKDOCS) build --strict -d build/docs-site
 
 # Apply ruff's formatting and safe fixes.
 lint-fix: $(STAMP)
