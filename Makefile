@@ -19,12 +19,14 @@ TINY_BUNDLE := tests/data/tiny-bundle
 # The embedded model that answers (trained by `make tiny-model`, committed) and its golden set.
 TINY_MODEL ?= models/tiny-shapes
 GOLDEN_SHAPES ?= golden/tiny-shapes
+# Material for MkDocs prints a banner about its successor on every build; the build's own warnings stay.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
 
-.PHONY: demo test lint-fix bench task-bench tiny-model plugin golden tiny-bundle clean
+.PHONY: demo test docs lint-fix bench task-bench tiny-model plugin golden tiny-bundle clean
 
 $(STAMP): pyproject.toml constraints/ci.txt constraints/triton-python.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx,serve,triton]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/ci.txt -e '.[host,dev,rtx,serve,triton,docs]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints/ci.txt nvidia-pytriton
 	test -x $(TRITON_PYTHON)/bin/python || $(PYTHON) -m venv $(TRITON_PYTHON)
 	grep -v -e '^numpy==' -e '^ml_dtypes==' constraints/ci.txt > $(TRITON_PYTHON)/constraints.txt
@@ -57,11 +59,18 @@ tiny-model: $(STAMP)
 task-bench: $(STAMP)
 	$(BIN)/python benchmarks/task_bench.py --workdir $(BENCH_DIR)/task
 
-# The linter is part of the suite: format and lint (ruff, settings in pyproject.toml), then pytest.
+# The linter and the documentation are part of the suite: format and lint (ruff, settings in
+# pyproject.toml), then pytest, then the docs site in strict mode (a broken link, a page missing from
+# the nav or a reference to code that does not exist fails).
 test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+	$(MKDOCS) build --strict -d build/docs-site
+
+# The documentation site (mkdocs.yml, docs/) into build/docs-site; `$(BIN)/mkdocs serve` previews it.
+docs: $(STAMP)
+	$(MKDOCS) build --strict -d build/docs-site
 
 # Apply ruff's formatting and safe fixes.
 lint-fix: $(STAMP)

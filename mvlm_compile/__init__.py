@@ -5,7 +5,10 @@ quantize, build, verify, runtime. The CLI (cli.py) is a thin layer over them; ap
 `mvlm_compile.Session` (session.py), the runtime over a bundle.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# pyproject.toml's version, read from the installed package's metadata: the one place it is set.
+__version__ = version("mvlm-compile")
 
 __all__ = ["Session", "__version__"]
 

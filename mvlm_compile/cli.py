@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from mvlm_compile import __version__
 from mvlm_compile.errors import EnginesDeferred, InternalError, Interrupted, MvlmError, NumericalFailure
 from mvlm_compile.runtime.scheduler import DEFAULT_PREFILL_CHUNK
 
@@ -134,7 +133,7 @@ def _artifacts_of(path: Path) -> tuple[Path, Path]:
 
 
 @click.group(cls=PipelineGroup, epilog=EXIT_STATUS_HELP)
-@click.version_option(__version__, prog_name="mvlm-compile")
+@click.version_option(package_name="mvlm-compile", prog_name="mvlm-compile")
 @click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -316,7 +315,7 @@ def optimize(artifacts: Path, allow_missing: tuple[str, ...], as_json: bool) -> 
     type=int,
     default=None,
     help="INT4 scale group along the input dimension. Default: the recipe's (128; tiny 32). "
-    "256 decodes ~1.35x faster in ONNX Runtime on x86 CPUs; check its accuracy (README: Benchmarks).",
+    "256 decodes ~1.35x faster in ONNX Runtime on x86 CPUs; check its accuracy (docs: Performance).",
 )
 @click.option(
     "--keep",

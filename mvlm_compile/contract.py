@@ -1,6 +1,6 @@
 """The ONNX I/O contract shared by golden tensors, the exported graphs, engines and the runtime.
 
-Torch-free. The README's "ONNX I/O contract" section describes the same names.
+Torch-free. docs/reference/contracts.md ("ONNX I/O contract") describes the same names.
 
 The decoder's KV cache lives outside the graph, in a buffer the runtime preallocates at the
 engine's context. The sequence axis is the outermost one of a cache tensor ([past, batch,

@@ -1,6 +1,6 @@
 """Errors that reach the user as one line and a documented exit status.
 
-Exit statuses of every `mvlm-compile` command (also in the README):
+Exit statuses of every `mvlm-compile` command (also in the docs: docs/troubleshooting.md):
   0    success
   1    numerical failure (verify or a golden check: a tolerance was exceeded)
   2    usage or input error (bad option, missing/corrupt/unreadable file, wrong model,

@@ -149,7 +149,7 @@ def keep_reference(directory: Path) -> Path | None:
     Until then the reference graph is the artifacts' own, unchanged (reference_graph_path).
 
     Only graphs as exported make a reference: once a stage has rewritten them (a bundle copied
-    without its reference/, as the README allows), none is made from the optimized or INT4
+    without its reference/, as the docs allow), none is made from the optimized or INT4
     graphs, which would then be judged against themselves; verify and quantize --golden go
     without (the export is the only right source: re-export to have one)."""
     directory = Path(directory)

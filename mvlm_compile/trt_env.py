@@ -43,8 +43,8 @@ class Flavour:
     # projector with PEG as a native depthwise Conv when no plugin library is at hand (CI: no
     # registry ships TensorRT's headers, which the plugin needs).
     peg_plugin_required: bool
-    # The TensorRT backend runs engines through Polygraphy's TrtRunner, which drives the `tensorrt`
-    # module; TensorRT-RTX engines wait for the execute_async_v3 backend (issue 15).
+    # The TensorRT backend drives the `tensorrt` module (execute_async_v3); it does not run engines
+    # through TensorRT-RTX's `tensorrt_rtx` module, so those engines are built here but not run.
     runs_in_backend: bool
 
 

@@ -3,6 +3,7 @@ command for the target, stage skipping by content hash and the memory refusal.""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import onnx
@@ -69,7 +70,13 @@ def test_the_bundle_is_self_contained(bundle):
     assert [n.op_type for n in projector.graph.node].count("MvlmPEG") == 1
     decoder = onnx.load(str(out / "artifacts" / "decoder.onnx"))
     assert any(n.op_type == "DequantizeLinear" for n in decoder.graph.node)
-    assert json.loads((out / "bundle.json").read_text())["memory_plan"]["total_gib"] > 0
+    record = json.loads((out / "bundle.json").read_text())
+    assert record["memory_plan"]["total_gib"] > 0
+    # The version that made the bundle, as `mvlm-compile --version` says it (the package's metadata).
+    made_by = importlib.metadata.version("mvlm-compile")
+    artifacts_record = json.loads((out / "artifacts" / "manifest.json").read_text())
+    assert record["mvlm_compile_version"] == artifacts_record["mvlm_compile_version"] == made_by
+    assert CliRunner().invoke(cli, ["--version"]).output == f"mvlm-compile, version {made_by}\n"
 
 
 def test_unchanged_inputs_skip_every_stage_and_the_bundle_builds_on_its_own(bundle, tiny_checkpoint):

@@ -1,5 +1,5 @@
 """Trying to break it: a new user's mistakes and an attacker's files go in, a clear one-line error
-(exit 2) and an untouched file system come out. Issue 12's cases, one test each (or a few per test)."""
+(exit 2) and an untouched file system come out. One test per case (or a few per test)."""
 
 from __future__ import annotations
 

@@ -157,25 +157,6 @@ def test_bad_requests_are_refused_before_running(session, image, prompt, options
     assert vision_runs[0] == 0
 
 
-def test_example_runs(shapes_int4, reference_answer):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "ask_about_image.py"),
-            str(shapes_int4),
-            str(IMAGE),
-            QUESTION,
-            QUESTION,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count(reference_answer[0]) == 2
-    assert "vision runs: 1, answered from the image cache: 1" in result.stdout
-
-
 class CountingTokenizer:
     """The session's tokenizer, recording every text it is asked to encode."""
 

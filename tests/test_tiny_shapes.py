@@ -27,7 +27,7 @@ from mvlm_compile.verify.verifier import verify
 ITEMS = 10  # eval items answered in the suite; the whole split is `mvlm-compile eval` / benchmarks/task_bench.py
 # The example scene holds a yellow star at the top, a red circle on the left and a blue square on
 # the right (test_tinytask.py checks this on its pixels): questions a user would ask about it that
-# this small model answers right (not all do: its accuracy by kind of question is in the README).
+# this small model answers right (not all do: its accuracy by kind of question is in docs/performance.md).
 EXAMPLE_QA = [
     (
         "Describe the image in one sentence.",

@@ -12,6 +12,7 @@ Skipped, with the reason, only where the [triton] extra, nvidia-pytriton or the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -60,9 +61,11 @@ def reference() -> tuple[str, list[str]]:
     return tokenizer.decode(tokens), pieces
 
 
-@pytest.fixture(scope="module")
-def server(shapes_int4, tmp_path_factory):
-    """The CLI makes the repository and serves it (`--serve`) until SIGTERM, which must stop it cleanly."""
+@contextlib.contextmanager
+def triton_server(bundle: Path, root: Path, instances: int = 2):
+    """The CLI makes BUNDLE's repository in ROOT and serves it (`--serve`) until SIGTERM, which must stop
+    it cleanly; yields its gRPC and HTTP addresses, the repository and the log. Skips where the CPU
+    tritonserver or the models' environment is missing."""
     from mvlm_compile.triton.server import find_server_files
 
     try:
@@ -71,11 +74,11 @@ def server(shapes_int4, tmp_path_factory):
         pytest.skip(str(e))
     if not MODELS_PYTHON.exists():
         pytest.skip(f"{MODELS_PYTHON}: the models' environment (numpy < 2) is missing; make test makes it")
-    root = tmp_path_factory.mktemp("triton")
     http, grpc, metrics = free_ports(3)
     command = [
         *(sys.executable, "-c", "from mvlm_compile.cli import main; main()"),
-        *("triton", str(shapes_int4), "--out", str(root / "repo"), "--instances", "2", "--int4-activations", "fp32"),
+        *("triton", str(bundle), "--out", str(root / "repo"), "--instances", str(instances)),
+        *("--int4-activations", "fp32"),
         *("--serve", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)),
         *("--python", str(MODELS_PYTHON)),
     ]
@@ -98,6 +101,12 @@ def server(shapes_int4, tmp_path_factory):
             os.killpg(process.pid, signal.SIGKILL)  # the CLI's session: it and the tritonserver it started
             process.wait()
         client.close()
+
+
+@pytest.fixture(scope="module")
+def server(shapes_int4, tmp_path_factory):
+    with triton_server(shapes_int4, tmp_path_factory.mktemp("triton")) as s:
+        yield s
 
 
 def _ready(client) -> bool:

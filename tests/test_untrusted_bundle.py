@@ -1,4 +1,4 @@
-"""A bundle from elsewhere is untrusted input (issue 20): no native code is loaded from it, no path
+"""A bundle from elsewhere is untrusted input: no native code is loaded from it, no path
 the user named is clobbered, and engines or records that do not match what is on disk are rebuilt
 or refused with a one-line error (exit 2).
 

@@ -1,7 +1,7 @@
-"""A bundle, checkpoint, golden set or image from elsewhere is untrusted input (issue 20): no
+"""A bundle, checkpoint, golden set or image from elsewhere is untrusted input: no
 resource bomb from a small file, no silently wrong answer, and a clear one-line error with exit
-status 2 where a number in a file asks for the impossible. Each test fails on the code before
-the issue's fix."""
+status 2 where a number in a file asks for the impossible. Each test fails on code without the
+check it names."""
 
 from __future__ import annotations
 
@@ -363,7 +363,7 @@ def test_a_bundle_without_its_reference_never_gets_one_made_from_the_rewritten_g
     from mvlm_compile.errors import EXIT_ENGINES_DEFERRED
 
     bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "bundle")
-    shutil.rmtree(bundle / "artifacts" / "reference")  # left out when copying, as the README allows
+    shutil.rmtree(bundle / "artifacts" / "reference")  # left out when copying, as the docs allow
     result = _cli("build", bundle, "--target", "orin-nx-16gb", "--json")
     assert result.exit_code == EXIT_ENGINES_DEFERRED, result.output
     assert not (bundle / "artifacts" / "reference").exists()

@@ -13,7 +13,7 @@ DECODER_PRECISIONS = ("int4", "none")
 FLOAT_PRECISIONS = ("fp16", "none")
 # lm_head, kept out of INT4 (keep_fp16): as is, or weight-only INT8 per output channel, the form
 # ONNX Runtime's CPU fuses into MatMulNBits (KL 6e-4 at 1.7B: benchmarks/lm_head_study.py; ~2 ms
-# off a 36 ms decode step: README) and TensorRT's parser takes as a DequantizeLinear on a constant.
+# off a 36 ms decode step: docs/performance.md) and TensorRT's parser takes as a DequantizeLinear on a constant.
 LM_HEAD_PRECISIONS = ("fp16", "int8")
 FOLD_DOWN = ("up_proj", "mul")  # where AWQ's 1/s for down_proj goes (decoder.py explains)
 FOLD_O = ("mul", "v_proj")  # where AWQ's 1/s for o_proj goes

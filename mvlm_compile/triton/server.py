@@ -12,7 +12,7 @@ installed without its dependencies: `pip install --no-deps nvidia-pytriton==0.7.
     `python3` it finds there. That environment must have numpy < 2: this stub (pybind11) reads
     arrays through numpy 1's ABI, and under numpy 2 every tensor it hands over is garbage (each
     byte a copy of the first). `make` makes one: .venv/triton-python (constraints/triton-python.txt).
-On a GPU, serve with NVIDIA's Triton container instead (README: "Serving a fleet with Triton").
+On a GPU, serve with NVIDIA's Triton container instead (docs/user_guide/serving.md: "Serving a fleet with Triton").
 """
 
 from __future__ import annotations

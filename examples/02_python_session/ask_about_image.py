@@ -1,6 +1,6 @@
 """Ask questions about an image with the public runtime API (mvlm_compile.Session).
 
-    python examples/ask_about_image.py BUNDLE IMAGE "What shape is on the left?" "How many shapes are there?"
+    python examples/02_python_session/ask_about_image.py BUNDLE IMAGE "What shape is on the left?" "How many?"
 
 The bundle is loaded once; the image is encoded by the vision tower once (the session caches its
 embeddings by content), however many questions follow. The first answer is streamed piece by piece.
