@@ -120,6 +120,54 @@ def api_levels(bundle: Path, levels: list[int], max_tokens: int, chunk: int, thr
     return results
 
 
+def logit_agreement(bundle: Path, rows: int = 4, steps: int = 16, threads: int = 0) -> dict:
+    """Batched decode steps against the same steps one sequence at a time: `rows` sequences (an image
+    each, prompts of different lengths) greedy-decoded together for `steps` steps; then each sequence
+    alone, fed the same tokens: every step's logits compared (the largest |difference| over the
+    logits' scale, the lowest cosine, how often the greedy token is the same)."""
+    import numpy as np
+
+    from mvlm_compile import Session
+
+    pictures = images(rows)
+    with Session(bundle, threads=threads, max_batch=rows) as session:
+        pipeline = session._chat.pipeline
+        prompts = []
+        for i in range(rows):
+            ids = session._chat.prepare(QUESTION + " Say more." * i, 1, ()).prompt_ids
+            pixels = session._image_key(pictures[i])[1]
+            prompts.append(pipeline.splice(ids, pipeline.image_embeds(pixels)))
+        session.close()  # its scheduler is done with the cache: the loops below drive the decoder
+        batched = pipeline.backend.decoder(rows)
+        fed = [[int(batched.step(i, p)[0].argmax())] for i, p in enumerate(prompts)]
+        together = []
+        for _ in range(steps):
+            logits = batched.step(0, pipeline.embed([f[-1] for f in fed])[0][:, None])
+            together.append(logits)
+            for f, row in zip(fed, logits):
+                f.append(int(row.argmax()))
+        alone = pipeline.backend.decoder(1)
+        worst_rel, worst_cos, same, total = 0.0, 1.0, 0, 0
+        for i in range(rows):
+            alone.reset()
+            alone.step(0, prompts[i])
+            for step in range(steps):
+                reference = alone.step(0, pipeline.embed([fed[i][step]]))[0]
+                got = together[step][i]
+                worst_rel = max(worst_rel, float(np.abs(got - reference).max() / np.abs(reference).max()))
+                cosine = float(got @ reference / (np.linalg.norm(got) * np.linalg.norm(reference)))
+                worst_cos = min(worst_cos, cosine)
+                same += int(got.argmax() == reference.argmax())
+                total += 1
+    return {
+        "rows": rows,
+        "steps": steps,
+        "max_rel_to_scale": round(worst_rel, 6),
+        "min_cosine": round(worst_cos, 8),
+        "argmax_same": f"{same}/{total}",
+    }
+
+
 def serve_levels(bundle: Path, levels: list[int], duration: int, chunk: int, threads: int) -> dict:
     """benchmarks/serve_bench.py's Locust levels against `serve BUNDLE --max-batch max(levels)`."""
     import importlib.util
@@ -196,6 +244,7 @@ def main() -> int:
     }
     report["kernel"] = matmulnbits_batch_gain(rows=(1, 2, 4, 8), layers=args.kernel_layers, repeats=10)
     report["api"] = api_levels(args.bundle, args.streams, args.max_tokens, args.prefill_chunk, args.threads)
+    report["logit_agreement"] = logit_agreement(args.bundle, threads=args.threads)
     report["serve"] = serve_levels(args.bundle, args.streams, args.serve_duration, args.prefill_chunk, args.threads)
     report["orin_traffic"] = batched_decode_traffic()
     report["host"]["load_after"] = os.getloadavg()
