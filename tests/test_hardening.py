@@ -391,12 +391,12 @@ def test_bad_build_options(bundle_copy, options, needle):
 
 
 def test_an_unexpected_error_is_status_4_in_one_line_and_debug_shows_it(tiny_artifacts, monkeypatch):
-    from mvlm_compile.runtime import pipeline
+    from mvlm_compile.runtime import kv_cache
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(pipeline.Chat, "answer", broken)
+    monkeypatch.setattr(kv_cache.DecoderLoop, "step", broken)  # raised on the scheduler's thread
     args = ("run", tiny_artifacts, "--image", GOLDEN_TINY / "image.png", "--prompt", "What?")
     result = _cli(*args)
     assert result.exit_code == EXIT_INTERNAL_ERROR
