@@ -548,37 +548,39 @@ def test_api_key(guarded):
     assert httpx.get(f"{guarded.url}/metrics").status_code == 200
 
 
-def test_full_queue_is_429(guarded, long_seed, reference):
-    """--max-batch 1 --max-queue 0: while one answer streams in the only slot, the next request is refused at once."""
-    client = guarded.client(api_key=API_KEY)
+@contextlib.contextmanager
+def the_only_slot_taken(guarded, long_seed):
+    """`guarded` (--max-batch 1 --max-queue 0) streaming a long answer in its only slot; on leaving,
+    that answer must have ended unharmed."""
     request = body(stream=True, seed=long_seed, **LONG)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(timeout=60, headers=headers) as http:
         with http.stream("POST", f"{guarded.url}/v1/chat/completions", json=request) as r:
             lines = r.iter_lines()
             first_content(lines)
-            with pytest.raises(openai.RateLimitError) as refused:
-                client.chat.completions.create(model=MODEL, messages=ask())
-            assert refused.value.code == "queue_full" and refused.value.response.headers["retry-after"] == "1"
-            assert [line for line in lines if line][-1] == "data: [DONE]"  # the running answer is unharmed
+            yield
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+
+
+def test_full_queue_is_429(guarded, long_seed, reference):
+    """--max-batch 1 --max-queue 0: while one answer streams in the only slot, the next request is refused at once."""
+    client = guarded.client(api_key=API_KEY)
+    with the_only_slot_taken(guarded, long_seed):
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(model=MODEL, messages=ask())
+        assert refused.value.code == "queue_full" and refused.value.response.headers["retry-after"] == "1"
     assert client.chat.completions.create(model=MODEL, messages=ask()).choices[0].message.content == reference["text"]
 
 
 def test_a_full_queue_refuses_before_reading_the_body(guarded, long_seed):
     """--max-queue 0: while one answer streams, a request declaring a 10 MB body gets 429 after its head."""
-    request = body(stream=True, seed=long_seed, **LONG)
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.Client(timeout=60, headers=headers) as http:
-        with http.stream("POST", f"{guarded.url}/v1/chat/completions", json=request) as r:
-            lines = r.iter_lines()
-            first_content(lines)
-            head = (
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                f"Authorization: Bearer {API_KEY}\r\nContent-Length: {10**7}\r\n\r\n"
-            )
-            answer = raw_request(guarded.port, head, b"{")
-            assert answer.startswith(b"HTTP/1.1 429 "), answer[:200]
-            assert [line for line in lines if line][-1] == "data: [DONE]"
+    with the_only_slot_taken(guarded, long_seed):
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Length: {10**7}\r\n\r\n"
+        )
+        answer = raw_request(guarded.port, head, b"{")
+        assert answer.startswith(b"HTTP/1.1 429 "), answer[:200]
 
 
 def test_the_api_key_may_come_from_a_file_or_the_environment_only(shapes_int4, tmp_path):

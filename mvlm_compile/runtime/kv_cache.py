@@ -92,8 +92,6 @@ class Executor(Protocol):
 
     def read(self, binding: Binding) -> np.ndarray: ...  # block -> a new host array (never a view)
 
-    def copy(self, dst: int, src: int, nbytes: int) -> None: ...  # within the block
-
     def copy_2d(self, copies: Sequence[Copy2D]) -> None: ...  # within the block
 
     def execute(self, profile: int, inputs: dict[str, Binding], outputs: dict[str, Binding]) -> None: ...

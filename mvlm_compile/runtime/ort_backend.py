@@ -124,9 +124,6 @@ class OrtExecutor:
         ctypes.memmove(out.ctypes.data, binding.address, out.nbytes)
         return out
 
-    def copy(self, dst: int, src: int, nbytes: int) -> None:
-        ctypes.memmove(dst, src, nbytes)
-
     def copy_2d(self, copies: Sequence[Copy2D]) -> None:
         for c in copies:
             self._rows(c.dst, c.dst_pitch, c.width, c.height)[...] = self._rows(c.src, c.src_pitch, c.width, c.height)

@@ -144,10 +144,6 @@ class BatchScheduler:
     def slots_in_use(self) -> int:
         return len(self._rows)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     def close(self) -> None:
         """Cancel everything and stop the thread (after the call under way)."""
         with self._wake:
@@ -228,12 +224,11 @@ class BatchScheduler:
     def _leave_cancelled(self) -> None:
         for slot in reversed(range(len(self._rows))):
             if self._rows[slot].cancelled.is_set():
-                self._rows[slot].generation.finish_reason = self._rows[slot].generation.finish_reason or "cancelled"
-                self._leave(slot)
+                self._leave(slot, "cancelled")
 
-    def _leave(self, slot: int) -> None:
-        """End the request in `slot` and keep the slots contiguous: the last decoding sequence
-        moves into the hole, and the prefilling one (if any) down by one."""
+    def _leave(self, slot: int, reason: str | None = None) -> None:
+        """End the request in `slot` (with `reason` unless it has one) and keep the slots contiguous:
+        the last decoding sequence moves into the hole, and the prefilling one (if any) down by one."""
         request = self._rows[slot]
         prefilling = self._prefilling()
         decoding = self._decoding()
@@ -248,7 +243,7 @@ class BatchScheduler:
             self._rows.pop(last)
             if prefilling is not None:  # it was at slot `decoding`, now one down
                 self.decoder.move(decoding, last)
-        request._finish()
+        request._finish(reason)
 
     def _fail_all(self, error: Exception) -> None:
         failed, self._rows = self._rows, []

@@ -156,9 +156,6 @@ class TrtExecutor:
         self.stream.synchronize()
         return out
 
-    def copy(self, dst: int, src: int, nbytes: int) -> None:
-        self._memcpy(dst, src, nbytes, self.cuda.MemcpyKind.DeviceToDevice)
-
     def copy_2d(self, copies: Sequence[Copy2D]) -> None:
         wrapper, void_ptr, size = self.cuda.wrapper(), ctypes.c_void_p, ctypes.c_size_t
         for c in copies:
