@@ -2,11 +2,12 @@
 
 Torch-free. docs/reference/contracts.md ("ONNX I/O contract") describes the same names.
 
-The decoder's KV cache lives outside the graph, in a buffer the runtime preallocates at the
-engine's context. The sequence axis is the outermost one of a cache tensor ([past, batch,
-kv_heads, head_dim]), so that for any batch the past is a prefix of the buffer and the new rows
-go right after it: the graph reads the past through a view of that prefix and returns only the
-rows of its own tokens, which the runtime binds at their offset in the same buffer. No step
+The decoder's KV cache lives outside the graph, in a buffer the runtime preallocates with a slot
+per concurrent sequence at the engine's context. The sequence axis is the outermost one of a cache
+tensor ([past, slots, kv_heads, head_dim]), so that the first `past` positions of every slot are a
+prefix of the buffer: the graph reads the past through a view of that prefix (row b of a call reads
+slot b; its own past is its first position_ids[b, 0] rows, the rest is masked) and returns only the
+rows of its own tokens, which the runtime writes at each sequence's offset in its slot. No step
 concatenates or copies the cache.
 """
 
@@ -31,7 +32,7 @@ KV_SEQ_AXIS = 0
 
 
 def past_names(layer: int) -> tuple[str, str]:
-    """Decoder inputs, the cache before this call: [past, batch, kv_heads, head_dim]."""
+    """Decoder inputs, the cache before this call: [past, slots, kv_heads, head_dim] (slots >= batch)."""
     return f"past.{layer}.key", f"past.{layer}.value"
 
 

@@ -3,7 +3,7 @@
     app.py      the Starlette app: routes, request checks, OpenAI-shaped errors, SSE streaming
     schema.py   the chat-completions request schema (pydantic) and what this model accepts of it
     images.py   an image_url's bytes: base64 data URLs, remote URLs only when allowed
-    worker.py   the bounded queue and the one generation thread (the session answers one at a time)
+    worker.py   the bounded queue (slots + --max-queue) and the threads carrying each answer's pieces
     metrics.py  the Prometheus metrics
     server.py   uvicorn on a pre-bound socket, SIGTERM drain, load failures as the CLI's exit statuses
 
