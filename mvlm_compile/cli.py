@@ -998,7 +998,8 @@ def bench(
     type=int,
     default=1,
     show_default=True,
-    help="Instances of the entry model (instance_group count); each loads the bundle and decodes its requests together (--max-batch).",
+    help="Instances of the entry model (instance_group count); each loads the bundle and decodes its "
+    "requests together (--max-batch).",
 )
 @click.option("--model-name", default="mobilevlm", show_default=True, help="The entry model's name in the repository.")
 @click.option(
