@@ -545,7 +545,15 @@ def _backend_options(fn):
 
 
 def _batching_options(fn):
-    """--max-batch and --prefill-chunk: the Session's scheduler (runtime/scheduler.py)."""
+    """--max-batch, --prefill-chunk and --prefix-cache-mib: the Session's scheduler (runtime/scheduler.py)."""
+    fn = click.option(
+        "--prefix-cache-mib",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="Memory (MiB) keeping finished answers' KV cache, so that a prompt starting the same way (a "
+        "conversation's next turn, the same system prompt and image) prefills only its new tokens "
+        "(default: one sequence at the full context; 0: no reuse).",
+    )(fn)
     fn = click.option(
         "--prefill-chunk",
         type=click.IntRange(min=1),
@@ -1037,6 +1045,7 @@ def triton(
     model_python: Path,
     max_batch: int | None,
     prefill_chunk: int,
+    prefix_cache_mib: float | None,
     as_json: bool,
 ) -> None:
     """Write a Triton Inference Server model repository that serves BUNDLE (streamed answers)."""
@@ -1058,6 +1067,7 @@ def triton(
         plugin,
         max_batch,
         prefill_chunk,
+        prefix_cache_mib,
     )
     if as_json:
         _echo_json(repository.to_json())

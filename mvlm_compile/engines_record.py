@@ -171,15 +171,22 @@ class TokenLimits:
     prefill_after_past: bool = True  # whether a prompt may be prefilled in chunks (engines before batching: no)
 
     def check(
-        self, prompt_tokens: int, new_tokens: int, prompt_option: str = "--prompt", new_option: str = "--max-new-tokens"
+        self,
+        prompt_tokens: int,
+        new_tokens: int,
+        prompt_option: str = "--prompt",
+        new_option: str = "--max-new-tokens",
+        chunked_prefill: bool = False,
     ) -> None:
-        """A usage error (exit 2) naming the limit, before any shape reaches TensorRT."""
+        """A usage error (exit 2) naming the limit, before any shape reaches TensorRT. With
+        `chunked_prefill` a prompt is prefilled in calls of at most max_prompt tokens, so only the
+        context bounds it."""
         if prompt_tokens + new_tokens > self.context:
             raise MvlmError(
                 f"{prompt_option}: {prompt_tokens} prompt tokens (with the image) + {new_option} {new_tokens} exceed "
                 f"the context of {self.context} ({self.source})"
             )
-        if prompt_tokens > self.max_prompt:
+        if prompt_tokens > self.max_prompt and not chunked_prefill:
             raise MvlmError(
                 f"{prompt_option}: {prompt_tokens} prompt tokens (with the image) exceed the longest prompt of "
                 f"{self.max_prompt} one prefill takes ({self.source})"

@@ -1,10 +1,13 @@
-"""The public runtime API for apps: load a bundle once, then answer questions about images.
+"""The public runtime API for apps: load a bundle once, then answer questions and hold conversations
+about images.
 
     from mvlm_compile import Session
 
     with Session("bundle", backend="ort") as session:
         print(session.generate("photo.jpg", "What is in the image?").text)
-        for piece in session.generate("photo.jpg", "And its colour?", stream=True):
+        chat = session.conversation(image="photo.jpg")
+        print(chat.ask("What is in the image?").text)
+        for piece in chat.ask("And its colour?", stream=True):
             print(piece, end="", flush=True)
 
 A session owns one backend (ONNX Runtime sessions or TensorRT engines) and one preallocated KV cache
@@ -16,6 +19,11 @@ is per request); past `max_batch` they wait for a slot. Everything a request can
 then, in the calling thread (one image at a time; the decoder's thread goes on meanwhile). Image
 embeddings are cached by the SHA-256 of the image's pixel values (least recently used first out), shared
 by every request, so a second question about the same image runs no vision encoder or projector.
+
+A conversation is answered with the authors' template over all its turns. Its K/V are kept by
+content when a sequence finishes (runtime/prefix_cache.py: `prefix_cache_mib` of memory, least
+recently used first out), so the next turn, or another request with the same system prompt and
+image, prefills only the tokens after the longest kept prefix.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +41,9 @@ from PIL import Image
 
 from mvlm_compile.engines_record import TokenLimits
 from mvlm_compile.errors import MvlmError
+from mvlm_compile.model.prompt import Dialogue
 from mvlm_compile.runtime.pipeline import Chat, Generation, Pipeline, Sampling
+from mvlm_compile.runtime.prefix_cache import PrefixCacheInfo, position_keys
 from mvlm_compile.runtime.scheduler import DEFAULT_PREFILL_CHUNK, BatchScheduler, Request, StepInfo
 
 ImageInput = str | Path | bytes | Image.Image
@@ -106,6 +116,7 @@ class Session:
         image_embedder: Callable[[np.ndarray], np.ndarray] | None = None,
         max_batch: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache_mib: float | None = None,
     ) -> None:
         """`bundle`: a bundle or an artifacts directory. `engines`: the TensorRT engines directory
         (default: the bundle's engines-<target>/). `threads`, `int4_activations`: ONNX Runtime's
@@ -118,7 +129,9 @@ class Session:
         `max_batch`: the requests decoded together, one KV-cache slot each at the full context
         (default: the engines' largest batch with TensorRT; the bundle's memory plan for its target
         with ONNX Runtime, else 4). `prefill_chunk`: the prompt tokens prefilled between two decode
-        steps (smaller: shorter pauses of the running streams while a request joins)."""
+        steps (smaller: shorter pauses of the running streams while a request joins).
+        `prefix_cache_mib`: memory (MiB) that keeps finished sequences' K/V for prompts that start
+        the same way (default: one sequence at the full context; 0: no reuse)."""
         from mvlm_compile.bundle import open_bundle_backend
 
         if image_cache_size < 0:
@@ -136,19 +149,24 @@ class Session:
             )
         )
         try:
-            self._chat = Chat(Pipeline(self.backend))
+            pipeline = Pipeline(self.backend)
             self.max_batch = check_max_batch(
                 default_max_batch(Path(bundle), self.backend.name, self.backend.limits)
                 if max_batch is None
                 else max_batch,
                 self.backend.limits,
             )
+            decoder = self.backend.decoder(self.max_batch)
             self._scheduler = BatchScheduler(
-                self.backend.decoder(self.max_batch),
-                self._chat.pipeline.embed,
+                decoder,
+                pipeline.embed,
                 prefill_chunk,
                 self.backend.limits.prefill_after_past,
+                prefix_cache_bytes(
+                    prefix_cache_mib, decoder.plan.context * decoder.plan.layers * 2 * decoder.plan.slot_bytes
+                ),
             )
+            self._chat = Chat(pipeline, chunked_prefill=self._scheduler.prefill_chunk is not None)
         except BaseException:
             self._resources.close()
             raise
@@ -165,9 +183,9 @@ class Session:
         """The longest prompt (image tokens included) and prompt + answer this backend takes."""
         return self.backend.limits
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """Tokens the prompt takes in the context, the image's included."""
-        return self._chat.prepare(prompt, 1, ()).prompt_tokens
+    def prompt_tokens(self, prompt: str | Sequence[Mapping[str, str]], image: bool = True) -> int:
+        """Tokens a question (or a conversation's messages) takes in the context, the image's included."""
+        return self._chat.prepare(_dialogue(prompt, image), 1, ()).prompt_tokens
 
     def generate(
         self,
@@ -183,12 +201,56 @@ class Session:
         """Answer `prompt` about `image` (a file path, encoded bytes or a PIL image). Greedy when
         temperature is 0. Returns the finished Generation (text, token counts, finish_reason), or
         with stream=True a TextStream of text pieces. Raises MvlmError for a bad request."""
+        return self._submit(prompt, image, max_tokens, temperature, top_p, seed, stop, stream)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        image: ImageInput | None = None,
+        max_tokens: int | None = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = ("</s>",),
+        stream: bool = False,
+    ) -> Generation | TextStream:
+        """Answer the last user turn of a conversation: `messages` as OpenAI's ({"role", "content"}:
+        an optional system message first, in place of the template's system prompt, then user and
+        assistant turns in turn, the user's last). `image` (optional) goes in the first user turn;
+        without one the conversation is text only. Options and result as `generate`."""
+        return self._submit(
+            _dialogue(messages, image is not None), image, max_tokens, temperature, top_p, seed, stop, stream
+        )
+
+    def conversation(self, image: ImageInput | None = None, system: str | None = None) -> Conversation:
+        """A conversation that remembers its turns: `ask` a question, then ask again."""
+        return Conversation(self, image, system)
+
+    def _submit(
+        self,
+        prompt: str | Dialogue,
+        image: ImageInput | None,
+        max_tokens: int | None,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        stop: Sequence[str],
+        stream: bool,
+    ) -> Generation | TextStream:
         self._check_open()
+        if image is None and isinstance(prompt, str):
+            raise MvlmError("image: none given; a question is about an image (Session.chat takes text-only turns)")
         sampling = Sampling(temperature, top_p, seed)
         generation = self._chat.prepare(prompt, max_tokens, tuple(stop))
-        key, pixel_values = self._image_key(image)
-        prompt_embeds = self._chat.pipeline.splice(generation.prompt_ids, self._image_embeds(key, pixel_values))
-        request = Request(generation, prompt_embeds, self._chat.answer_text(generation, stop), sampling)
+        pipeline = self._chat.pipeline
+        if image is None:
+            key = None
+            prompt_embeds = pipeline.embed(generation.prompt_ids)
+        else:
+            key, pixel_values = self._image_key(image)
+            prompt_embeds = pipeline.splice(generation.prompt_ids, self._image_embeds(key, pixel_values))
+        keys = position_keys(generation.prompt_ids, pipeline.image_token_index, key, self._chat.image_tokens)
+        request = Request(generation, prompt_embeds, self._chat.answer_text(generation, stop), sampling, keys)
         self._scheduler.submit(request)
         answer = TextStream(request, self._scheduler)
         if stream:
@@ -245,6 +307,11 @@ class Session:
     def image_cache_info(self) -> CacheInfo:
         return CacheInfo(self._hits, self._misses, len(self._embeds), self._cache_capacity)
 
+    def prefix_cache_info(self) -> PrefixCacheInfo | None:
+        """The kept prefixes' pages and how often prompts reused them (None: no prefix reuse)."""
+        cache = self._scheduler.prefix_cache
+        return None if cache is None else cache.info()
+
     def close(self) -> None:
         """Cancel what runs or waits, then release the backend (sessions or engines, the cache, the
         bundle's reader lock)."""
@@ -261,3 +328,61 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def prefix_cache_bytes(mib: float | None, one_sequence: int) -> int:
+    """The prefix cache's budget: `mib` MiB, or one sequence's K/V at the full context when None."""
+    if mib is None:
+        return one_sequence
+    if isinstance(mib, bool) or not isinstance(mib, int | float) or not 0 <= mib < 2**40:
+        raise MvlmError(f"--prefix-cache-mib {mib}: expected 0 (no prefix reuse) or more MiB")
+    return int(mib * 2**20)
+
+
+def _dialogue(prompt: str | Sequence[Mapping[str, str]], image: bool) -> str | Dialogue:
+    return prompt if isinstance(prompt, str) else Dialogue.from_messages(prompt, image)
+
+
+class Conversation:
+    """A conversation about one image (or none) that keeps its turns: each `ask` sends them all, and
+    the answer becomes the assistant's turn once it is finished (a stopped stream's text so far;
+    none if it stopped before its first token, and then the question is dropped too). The session
+    reuses the kept K/V of the turns before, so each turn prefills little more than its question."""
+
+    def __init__(self, session: Session, image: ImageInput | None = None, system: str | None = None) -> None:
+        self.session, self.image, self.system = session, image, system
+        self.messages: list[dict[str, str]] = []
+        self._pending: Generation | None = None
+
+    def ask(self, text: str, stream: bool = False, **options) -> Generation | TextStream:
+        """Answer `text` after the turns so far; `options` as Session.chat's (max_tokens, temperature,
+        top_p, seed, stop). Raises MvlmError (nothing is added) for a bad request."""
+        self._settle()
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        messages = [*self.messages, {"role": "user", "content": text}]
+        answer = self.session.chat([*system, *messages], self.image, stream=stream, **options)
+        self.messages = messages
+        self._pending = answer.generation if isinstance(answer, TextStream) else answer
+        if not stream:
+            self._settle()
+        return answer
+
+    def reset(self, image: ImageInput | None = None, keep_image: bool = True) -> None:
+        """Forget the turns; talk about `image` from now on (when given), or about none (keep_image False)."""
+        self._settle()
+        self.messages = []
+        if image is not None or not keep_image:
+            self.image = image
+
+    def _settle(self) -> None:
+        """The answer under way, once finished, as the assistant's turn."""
+        generation, self._pending = self._pending, None
+        if generation is None:
+            return
+        if generation.finish_reason is None:
+            self._pending = generation
+            raise MvlmError("the conversation's last answer is still being generated: read or cancel its stream first")
+        if generation.text.strip():
+            self.messages.append({"role": "assistant", "content": generation.text})
+        else:
+            self.messages.pop()  # no answer: the question goes too, so that turns stay in turn

@@ -10,9 +10,14 @@ stop string, its token limit or a cancel, freeing its slot at once. Each turn of
 
 So a joining prompt delays the running streams by one chunk per token at most, never by its whole
 length, and the decode rows share each step's weight reads (an Orin's decode is bound by them: 8
-rows read the same bytes as 1). Chunk boundaries depend only on the prompt, so a request's
-computation is the same whether it runs alone or beside others (the batched step differs from a
-step of one by the kernels' rounding; tests/test_scheduler.py checks the tokens are equal).
+rows read the same bytes as 1). Chunk boundaries depend only on the prompt (and the prefix it
+reuses), so a request's computation is the same whether it runs alone or beside others (the
+batched step differs from a step of one by the kernels' rounding; tests/test_scheduler.py checks
+the tokens are equal).
+
+With a prefix cache (runtime/prefix_cache.py), a prompt's first chunk starts after the longest
+prefix kept from sequences that finished before (copied into its slot), and a sequence that
+leaves is kept there (copied out of its slot) before its slot is reused.
 
 Sampling is per request (temperature, top_p, seed: each row draws from its own generator).
 
@@ -36,6 +41,7 @@ import numpy as np
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.runtime.kv_cache import DecoderLoop
 from mvlm_compile.runtime.pipeline import AnswerText, Generation, Sampling, next_token
+from mvlm_compile.runtime.prefix_cache import PositionKey, PrefixCache
 
 DEFAULT_PREFILL_CHUNK = 128
 _END = object()
@@ -60,9 +66,11 @@ class Request:
     prompt: np.ndarray  # [1, prompt tokens, hidden]: the spliced prompt embeddings
     text: AnswerText
     sampling: Sampling
+    keys: list[PositionKey] | None = None  # each prompt position's content, for prefix reuse (None: none)
     cancelled: threading.Event = field(default_factory=threading.Event)
     prefilled: int = 0  # prompt tokens in the cache
     token: int | None = None  # the last token, fed at the next decode step
+    sampled: list[int] = field(default_factory=list)  # every token drawn, EOS included
     rng: np.random.Generator = field(init=False)
     _pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
@@ -93,6 +101,7 @@ class Request:
             self.generation.finish_reason = "cancelled"
             return
         self.token = next_token(logits, self.sampling, self.rng)
+        self.sampled.append(self.token)
         piece = self.text.add(self.token)
         if piece:
             self._pieces.put(piece)
@@ -107,16 +116,23 @@ class BatchScheduler:
         embed: Callable[[Sequence[int]], np.ndarray],
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         chunk_after_past: bool = True,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         """`decoder`: the loop over a cache of max-batch slots. `embed(ids)`: token embeddings
         [1, n, hidden]. `prefill_chunk`: prompt tokens per chunk; with `chunk_after_past` False (an
         engine without a profile for it, or a test model whose cache rows cannot be viewed at any
-        slot) every prompt is prefilled in one call."""
+        slot) every prompt is prefilled in one call, and no prefix is reused. `prefix_cache_bytes`:
+        the memory that keeps finished sequences' K/V for reuse (0: none)."""
         if prefill_chunk < 1:
             raise MvlmError(f"--prefill-chunk {prefill_chunk}: expected at least 1")
         self.decoder, self.embed = decoder, embed
         self.slots = decoder.plan.slots
         self.prefill_chunk = prefill_chunk if chunk_after_past and decoder.plan.chunked_prefill else None
+        self.prefix_cache = (
+            PrefixCache(decoder, prefix_cache_bytes) if self.prefill_chunk is not None and prefix_cache_bytes else None
+        )
+        if self.prefix_cache is not None and not self.prefix_cache.capacity:
+            self.prefix_cache = None
         self.listeners: list[Callable[[StepInfo], None]] = []
         self._rows: list[Request] = []  # slot i holds _rows[i]: decoding ones first, then the one prefilling
         self._waiting: collections.deque[Request] = collections.deque()
@@ -199,6 +215,9 @@ class BatchScheduler:
         if request is None:
             return 0
         total = request.prompt.shape[1]
+        if request.prefilled == 0 and self.prefix_cache is not None and request.keys is not None:
+            request.prefilled = self.prefix_cache.restore(len(self._rows) - 1, request.keys)
+            request.generation.cached_tokens = request.prefilled
         end = total if self.prefill_chunk is None else min(total, request.prefilled + self.prefill_chunk)
         logits = self.decoder.step(len(self._rows) - 1, request.prompt[:, request.prefilled : end])
         chunk, request.prefilled = end - request.prefilled, end
@@ -230,6 +249,8 @@ class BatchScheduler:
         """End the request in `slot` (with `reason` unless it has one) and keep the slots contiguous:
         the last decoding sequence moves into the hole, and the prefilling one (if any) down by one."""
         request = self._rows[slot]
+        if self.prefix_cache is not None and request.keys is not None:
+            self.prefix_cache.store(slot, request.keys + request.sampled)
         prefilling = self._prefilling()
         decoding = self._decoding()
         if request is prefilling:

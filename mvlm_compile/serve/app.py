@@ -89,6 +89,7 @@ class ServeOptions:
     image_cache_size: int = 32
     max_batch: int | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefix_cache_mib: float | None = None  # None: one sequence at the full context
     model_name: str | None = None
     api_key: str | None = None
     allowed_hosts: tuple[str, ...] = ()
@@ -165,6 +166,7 @@ class _State:
             plugin=o.plugin,
             max_batch=o.max_batch,
             prefill_chunk=o.prefill_chunk,
+            prefix_cache_mib=o.prefix_cache_mib,
         )
         try:
             # One short answer: the first run of each graph (allocations, TensorRT's lazy setup) is slow.

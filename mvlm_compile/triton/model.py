@@ -44,6 +44,7 @@ class TritonPythonModel:
             image_embedder=embedder,
             max_batch=int(parameters["max_batch"]) if parameters.get("max_batch") else None,
             prefill_chunk=int(parameters.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)),
+            prefix_cache_mib=float(parameters["prefix_cache_mib"]) if parameters.get("prefix_cache_mib") else None,
         )
         self.max_tokens = int(parameters["max_tokens"])
         # A thread per request being answered: the slots, and one more encoding the next image.

@@ -112,11 +112,13 @@ def make_repository(
     plugin: Path | None = None,
     max_batch: int | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefix_cache_mib: float | None = None,
 ) -> TritonRepository:
     """Write the model repository `out` for `bundle` (a bundle or an artifacts directory). `plugin`:
     the PEG plugin library the user chose (--plugin; else $MVLM_PEG_PLUGIN or this installation's
     build, never one found in the bundle), copied into the repository when the projector holds it.
-    `max_batch`, `prefill_chunk`: the entry model's Session (requests decoded together; see Session)."""
+    `max_batch`, `prefill_chunk`, `prefix_cache_mib`: the entry model's Session (requests decoded
+    together, kept prefixes reused; see Session)."""
     if backend not in BACKENDS:
         raise MvlmError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if instances < 1:
@@ -129,6 +131,8 @@ def make_repository(
         raise MvlmError(f"--max-batch {max_batch}: expected 1 or more")
     if prefill_chunk < 1:
         raise MvlmError(f"--prefill-chunk {prefill_chunk}: expected 1 or more")
+    if prefix_cache_mib is not None and not prefix_cache_mib >= 0:
+        raise MvlmError(f"--prefix-cache-mib {prefix_cache_mib}: expected 0 (no prefix reuse) or more MiB")
     check_threads(threads)  # what the entry model's runtime will be given
     check_int4_activations(int4_activations)
     bundle_dir, artifacts = resolve_artifacts(Path(bundle))
@@ -156,6 +160,7 @@ def make_repository(
             "int4_activations": int4_activations,
             "max_batch": "" if max_batch is None else str(max_batch),  # "": the Session's default
             "prefill_chunk": str(prefill_chunk),
+            "prefix_cache_mib": "" if prefix_cache_mib is None else str(prefix_cache_mib),  # "": the default
         }
         models, repository_plugin = [model_name], None
         if record is not None and engines_dir is not None:
