@@ -282,3 +282,95 @@ def test_a_damaged_tokenizer_model_is_always_a_checkpoint_error(tiny_checkpoint,
             assert "\n" not in str(e) and str(e).startswith(f"{ck / 'tokenizer.model'}: ")
             refused += 1
     assert refused > 20  # many damaged copies are refused; any other exception fails the test
+
+
+def llava_v1_prompt(system: str, messages: list[tuple[str, str | None]]) -> str:
+    """LLaVA's Conversation.get_prompt for SeparatorStyle.TWO (conv_vicuna_v1, the authors' 'v1'):
+    separators " " and "</s>", a message of None leaves the role open for the answer."""
+    seps = [" ", "</s>"]
+    ret = system + seps[0]
+    for i, (role, message) in enumerate(messages):
+        if message:
+            ret += role + ": " + message + seps[i % 2]
+        else:
+            ret += role + ":"
+    return ret
+
+
+def llava_tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
+    """llava/mm_utils.py's tokenizer_image_token, as published."""
+    prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+
+    def insert_separator(x, sep):
+        return [ele for sublist in zip(x, [sep] * len(x)) for ele in sublist][:-1]
+
+    input_ids = []
+    offset = 0
+    if len(prompt_chunks) > 0 and len(prompt_chunks[0]) > 0 and prompt_chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        input_ids.append(prompt_chunks[0][0])
+    for x in insert_separator(prompt_chunks, [-200] * (offset + 1)):
+        input_ids.extend(x[offset:])
+    return input_ids
+
+
+THREE_TURNS = [
+    ("What is in the image?", "The image shows a red car next to a green tree."),
+    ("How many cups are on the table?", "There are three cups, two plates and a bowl."),
+    ("Read the text on the sign.", None),
+]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["mobilevlm v2 (legacy false)", "legacy true"])
+@pytest.mark.parametrize("image", [True, False], ids=["image", "text only"])
+def test_a_three_turn_conversation_has_the_ids_of_the_authors_template_and_tokenizer(
+    tiny_checkpoint, sp_model, tmp_path, legacy, image
+):
+    """The runtime's prompt (exported tokenizer.json, read by `tokenizers` alone) against the authors'
+    construction: LLaVA's conv_vicuna_v1 prompt string, their tokenizer_image_token, and transformers'
+    SentencePiece LlamaTokenizer (use_fast=False), where each template "</s>" is the EOS token."""
+    from transformers import AutoTokenizer
+
+    from mvlm_compile.model.prompt import SYSTEM_V1, Dialogue, Turn
+    from mvlm_compile.runtime.pipeline import PromptTokenizer
+
+    config = {**MOBILEVLM_V2_TOKENIZER_CONFIG, "legacy": legacy}
+    ck = _sentencepiece_checkpoint(tiny_checkpoint, sp_model, tmp_path / "ck", config)
+    theirs = AutoTokenizer.from_pretrained(str(ck), use_fast=False, local_files_only=True)
+    messages: list[tuple[str, str | None]] = []
+    turns: list[Turn] = []
+    for i, (question, answer) in enumerate(THREE_TURNS):
+        messages += [("USER", ("<image>\n" if image and i == 0 else "") + question), ("ASSISTANT", answer)]
+        turns += [Turn("user", question)] + ([Turn("assistant", answer)] if answer else [])
+    expected = llava_tokenizer_image_token(llava_v1_prompt(SYSTEM_V1, messages), theirs)
+    assert expected.count(2) == 2 and expected.count(-200) == int(image)  # two turns ended, the image once
+
+    path = tmp_path / "tokenizer.json"
+    load_tokenizer(ck).backend_tokenizer.save(str(path))
+    dialogue = Dialogue(tuple(turns), SYSTEM_V1, image)
+    assert PromptTokenizer(path, 1, 2).ids(dialogue) == expected
+    assert dialogue.text == llava_v1_prompt(SYSTEM_V1, messages).replace("<image>\n", "<image>\n" if image else "")
+    if not legacy:  # the two settings part after a special token: the check above saw the difference
+        legacy_ck = _sentencepiece_checkpoint(
+            tiny_checkpoint, sp_model, tmp_path / "legacy", {**config, "legacy": True}
+        )
+        assert (
+            llava_tokenizer_image_token(
+                llava_v1_prompt(SYSTEM_V1, messages),
+                AutoTokenizer.from_pretrained(str(legacy_ck), use_fast=False, local_files_only=True),
+            )
+            != expected
+        )
+
+
+def test_a_users_special_token_text_stays_text_in_a_later_turn(tiny_checkpoint, sp_model, tmp_path):
+    """Unlike the authors' tokenizer, a user's "</s>" never ends a turn: only the template's do."""
+    from mvlm_compile.model.prompt import Dialogue, Turn
+    from mvlm_compile.runtime.pipeline import PromptTokenizer
+
+    ck = _sentencepiece_checkpoint(tiny_checkpoint, sp_model, tmp_path / "ck", MOBILEVLM_V2_TOKENIZER_CONFIG)
+    path = tmp_path / "tokenizer.json"
+    load_tokenizer(ck).backend_tokenizer.save(str(path))
+    turns = (Turn("user", "Hi"), Turn("assistant", "Hello."), Turn("user", "Is </s> a tag? <s>"))
+    ids = PromptTokenizer(path, 1, 2).ids(Dialogue(turns))
+    assert ids.count(2) == 1 and ids.count(1) == 1 and ids[0] == 1

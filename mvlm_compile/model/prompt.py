@@ -7,9 +7,10 @@ an assistant turn), the image placed before the first user turn's text:
     {system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
 
 and tokenize the whole string with the LLaMA tokenizer, where each template "</s>" is the EOS
-token. Here the string is cut at those separators and each piece is encoded on its own, the EOS id
-between them: the same ids (the tokenizer splits its input at special tokens first), while a
-user's own "</s>" stays text and cannot end a turn.
+token. Here the string is cut at those separators and each piece is encoded as the tokenizer
+encodes the text after a special token, the EOS id between them: the same ids (the tokenizer
+splits its input at special tokens first), while a user's own "</s>" stays text and cannot end a
+turn (the authors' tokenizer would read it as the end of the turn).
 """
 
 from __future__ import annotations
@@ -149,14 +150,19 @@ def tokenize_with_image(prompt: str, encode: Callable[[str], Sequence[int]], bos
 
 
 def tokenize_conversation(
-    conversation: Dialogue, encode: Callable[[str], Sequence[int]], bos_token_id: int, eos_token_id: int
+    conversation: Dialogue,
+    encode: Callable[[str], Sequence[int]],
+    encode_after_eos: Callable[[str], Sequence[int]],
+    bos_token_id: int,
+    eos_token_id: int,
 ) -> list[int]:
     """The conversation's prompt ids: the first segment as tokenize_with_image (the image is in the
-    first user turn), each later one encoded after an EOS, without the BOS `encode` adds."""
+    first user turn; `encode` adds BOS as there), then EOS and each later segment as the tokenizer
+    encodes the text that follows a special token (`encode_after_eos`: LLaMA's SentencePiece gives
+    it the dummy prefix "▁" when legacy, not otherwise)."""
     first, *rest = conversation.segments
     ids = tokenize_with_image(first, encode, bos_token_id)
     for segment in rest:
-        piece = list(encode(segment))
         ids.append(eos_token_id)
-        ids.extend(piece[1:] if piece[:1] == [bos_token_id] else piece)
+        ids.extend(encode_after_eos(segment))
     return ids
