@@ -65,7 +65,10 @@ def test_1p7b_weights_and_kv_cache_by_hand():
     # (its steps write their rows into it; nothing holds a past and a present copy).
     assert settings.context == 2048
     kv_key = next(k for k in items if k.startswith("KV cache"))
-    assert items[kv_key] == pytest.approx((2 * 24 * 16 * 128 * 2048) * 2)
+    assert items[kv_key] == pytest.approx(settings.batch * (2 * 24 * 16 * 128 * 2048) * 2)
+    # The run time's default prefix cache: one more sequence at the context.
+    prefix_key = next(k for k in items if k.startswith("prefix cache"))
+    assert items[prefix_key] == pytest.approx((2 * 24 * 16 * 128 * 2048) * 2)
     # The runtime's own buffers: the longest prompt's FP16 embeddings and int64 positions, one FP16 logits row.
     runtime_key = next(k for k in items if k.startswith("runtime buffers"))
     assert items[runtime_key] == pytest.approx(settings.max_prompt * (2048 * 2 + 8) + 32000 * 2)

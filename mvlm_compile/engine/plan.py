@@ -152,6 +152,9 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
     # batch, each at the full context; each step reads the past from it and writes its new rows into
     # it, so nothing else holds K/V.
     kv_bytes = 2 * g.layers * settings.batch * g.kv_heads * g.head_dim * settings.context * FP16
+    # The runtime's prefix cache (runtime/prefix_cache.py) keeps finished sequences' K/V for prompts
+    # that start the same way; its default budget is one sequence at the context (--prefix-cache-mib).
+    prefix_cache_bytes = kv_bytes / settings.batch
     # A prefill is one sequence (a joining request's prompt, in chunks of at most max_prompt); a
     # decode step is one token of each of up to `batch` sequences: the prefill is the larger call.
     call_tokens = max(settings.max_prompt, settings.batch)
@@ -179,6 +182,7 @@ def plan_memory(geometry: Geometry, recipe: Recipe, target: Target, settings: Bu
         (f"lm_head ({lm_head})", _weight_bytes(table, lm_head, group)),
         ("token embedding table (fp16, host side)", table * FP16),
         (f"KV cache (fp16, {settings.batch} slots at context {settings.context}, one preallocated)", kv_bytes),
+        (f"prefix cache (fp16, one sequence at context {settings.context}: the run-time default)", prefix_cache_bytes),
         (
             f"activations (one block per engine: prefill {settings.max_prompt} tokens, "
             f"vision batch {settings.vision_batch})",
