@@ -218,9 +218,8 @@ class Session:
         an optional system message first, in place of the template's system prompt, then user and
         assistant turns in turn, the user's last). `image` (optional) goes in the first user turn;
         without one the conversation is text only. Options and result as `generate`."""
-        return self._submit(
-            _dialogue(messages, image is not None), image, max_tokens, temperature, top_p, seed, stop, stream
-        )
+        dialogue = Dialogue.from_messages(messages, image is not None)
+        return self._submit(dialogue, image, max_tokens, temperature, top_p, seed, stop, stream)
 
     def conversation(self, image: ImageInput | None = None, system: str | None = None) -> Conversation:
         """A conversation that remembers its turns: `ask` a question, then ask again."""
