@@ -51,25 +51,28 @@ def test_every_id_of_the_model_decodes_to_text(tmp_path, preset: str) -> None:
         assert after.startswith(before) and len(after) > len(before), (before, after)
 
 
-def test_filler_pieces_are_a_tail_that_encoding_never_produces() -> None:
+def test_filler_pieces_are_a_tail_that_encodes_to_itself_and_leaves_other_text_alone() -> None:
     full = synthetic_tokenizer(32000)
     spec = json.loads(full.to_str())
-    merged = {
-        left + right for left, right in (m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"])
-    }
-    # What training made: specials, byte pieces, the corpus's characters and its merges.
-    trained = {
-        i
-        for piece, i in full.get_vocab().items()
-        if i < 3 or piece.startswith("<0x") or len(piece) == 1 or piece in merged
-    }
-    first_filler = len(trained)
-    assert trained == set(range(first_filler)) and 300 < first_filler < 2000
-    # Nothing merges into a filler piece, so text (the fillers' own words included) encodes as
-    # before the vocabulary was filled, with a vocabulary of 2000 or of 32000.
-    fillers = random.Random(0).sample(range(first_filler, 32000), 200)
-    texts = [full.decode(fillers), *build_prompt("What is in the image? ünïcode 😀.").split(IMAGE_PLACEHOLDER)]
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
+    vocab = full.get_vocab()
+    pieces = {i: piece for piece, i in vocab.items()}
+    greek = set("βγδζθκλμνξπρστφχψαεηιουω")
+    # What training made: specials, byte pieces, the corpus's characters and its merges; then the fillers.
+    first_filler = min(i for i, piece in pieces.items() if set(piece) & greek)
+    assert all(set(pieces[i]) <= greek | {"▁"} for i in range(first_filler, 32000))
+    assert 300 < first_filler < 2000
+    # Each filler is a merge of two pieces before it: text made of whole filler words, a random
+    # model's answer, encodes back to the same ids (a conversation's next turn re-encodes it).
+    merged = {left + right: (vocab[left], vocab[right]) for left, right in pairs}
+    for i in range(first_filler, 32000):
+        if len(pieces[i]) > 1:
+            assert max(merged[pieces[i]]) < i, pieces[i]
+    words = [i for i in range(first_filler, 32000) if pieces[i].startswith("▁")]
+    answer = random.Random(0).choices(words, k=200)
+    assert full.encode(full.decode(answer), add_special_tokens=False).ids == answer
+    # Text without Greek letters encodes as with a vocabulary too small for fillers, none among its ids.
     smaller = synthetic_tokenizer(2000)
-    for text in texts:
+    for text in build_prompt("What is in the image? ünïcode 😀.").split(IMAGE_PLACEHOLDER):
         ids = full.encode(text).ids
         assert max(ids) < first_filler and ids == smaller.encode(text).ids

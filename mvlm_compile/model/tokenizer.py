@@ -10,7 +10,6 @@ SentencePiece itself on the 'v1' prompt before it is used.
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ def synthetic_tokenizer(vocab_size: int, corpus: Sequence[str] = (), split_words
     # LLaMA's, they must be ordinary vocabulary entries that ByteFallback decodes.
     spec = json.loads(tokenizer.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_tokens]
-    _fill_vocab(spec["model"]["vocab"], vocab_size)
+    _fill_vocab(spec["model"]["vocab"], spec["model"]["merges"], vocab_size)
     tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
@@ -79,26 +78,46 @@ def synthetic_tokenizer(vocab_size: int, corpus: Sequence[str] = (), split_words
     return tokenizer
 
 
-def _made_up_words() -> Iterator[str]:
-    """Distinct pronounceable words, shortest first: "ba", "be", ..., "zu", "baba", ..."""
-    syllables = [c + v for c in "bdfghjklmnprstvz" for v in "aeiou"]
-    for count in itertools.count(1):
-        for parts in itertools.product(syllables, repeat=count):
-            yield "".join(parts)
+# The fillers' letters: Greek, which no corpus here uses, so no trained merge touches them.
+_FILLER_CONSONANTS = "βγδζθκλμνξπρστφχψ"
+_FILLER_VOWELS = "αεηιουω"
 
 
-def _fill_vocab(vocab: dict[str, int], vocab_size: int) -> None:
+def _filler_pieces() -> Iterator[tuple[str, tuple[str, str] | None]]:
+    """(piece, the merge that makes it) in an order where a merge's parts come first: the letters,
+    the syllables (consonant + vowel), then word starts "▁" + 1, 2, 3... syllables, each the merge
+    of the word one syllable shorter and a syllable."""
+    for letter in _FILLER_CONSONANTS + _FILLER_VOWELS:
+        yield letter, None
+    syllables = [c + v for c in _FILLER_CONSONANTS for v in _FILLER_VOWELS]
+    for syllable in syllables:
+        yield syllable, (syllable[0], syllable[1])
+    words = ["▁"]
+    while True:
+        longer = []
+        for word in words:
+            for syllable in syllables:
+                yield word + syllable, (word, syllable)
+                longer.append(word + syllable)
+        words = longer
+
+
+def _fill_vocab(vocab: dict[str, int], merges: list, vocab_size: int) -> None:
     """Give every id below `vocab_size` a piece: a small corpus stops merging long before a LLaMA
     vocabulary's 32000, and a random-weight model emits any id, so ids without a piece would decode
-    to nothing (a streamed answer would arrive in one chunk). The pieces are word starts ("▁" +
-    made-up word) that no merge produces, like the unused pieces of a real vocabulary: encoding is
-    unchanged, and each of them decodes to its word. The trainer numbers its pieces 0..len - 1, so
-    the new ones continue from len(vocab)."""
-    words = ("▁" + word for word in _made_up_words())
+    to nothing (a streamed answer would arrive in one chunk). The pieces are made-up Greek words
+    and their syllables, each with the merge that makes it, after the trained merges: like a real
+    vocabulary's pieces, every one is what encoding its own text gives (a conversation's next
+    turn, which re-encodes the answer's text, finds the answer's ids), while text without Greek
+    letters encodes as before. The trainer numbers its pieces 0..len - 1, so the new ones continue
+    from len(vocab)."""
+    pieces = _filler_pieces()
     while len(vocab) < vocab_size:
-        piece = next(words)
+        piece, merge = next(pieces)
         if piece not in vocab:
             vocab[piece] = len(vocab)
+            if merge is not None:
+                merges.append(list(merge))
 
 
 def write_synthetic_tokenizer(
