@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -353,7 +354,7 @@ class Conversation:
         self.messages: list[dict[str, str]] = []
         self._pending: Generation | None = None
 
-    def ask(self, text: str, stream: bool = False, **options) -> Generation | TextStream:
+    def ask(self, text: str, stream: bool = False, **options: Any) -> Generation | TextStream:
         """Answer `text` after the turns so far; `options` as Session.chat's (max_tokens, temperature,
         top_p, seed, stop). Raises MvlmError (nothing is added) for a bad request."""
         self._settle()
