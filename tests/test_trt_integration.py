@@ -174,6 +174,35 @@ def test_the_batched_device_loop_matches_the_onnx_runtime_loop(engines):
                 _close(got, expected, ("cache", slot))
 
 
+def test_a_prefix_kept_in_device_memory_is_restored_into_the_slot(engines):
+    """The prefix cache's pool in device memory (runtime/prefix_cache.py): a prompt's rows stored
+    out of the slot, the slot overwritten by another prompt, the first restored (cudaMemcpy2DAsync
+    both ways) and continued: cache and logits against the same sequence of calls in ONNX Runtime."""
+    from mvlm_compile.runtime.ort_backend import OrtBackend
+    from mvlm_compile.runtime.prefix_cache import PrefixCache
+    from mvlm_compile.runtime.trt_backend import TrtBackend
+
+    bundle, engines_dir, _ = engines
+    rng = np.random.default_rng(4)
+    with TrtBackend(bundle / "artifacts", engines_dir) as trt_backend, OrtBackend(bundle / "artifacts") as ort:
+        hidden = int(trt_backend.manifest.model["hidden_size"])
+        first, other, rest = ((rng.standard_normal((1, n, hidden)) * 0.5).astype(np.float16) for n in (37, 40, 6))
+        keys = list(range(37))
+        loops, logits = (trt_backend.decoder(), ort.decoder()), []
+        for loop in loops:
+            cache = PrefixCache(loop, 2**20)
+            loop.step(0, first)
+            cache.store(0, keys)
+            loop.clear(0)
+            loop.step(0, other)  # the slot's rows are now another prompt's
+            loop.clear(0)
+            assert cache.restore(0, keys + [-1] * 6) == 37 == loop.lengths[0]
+            logits.append(loop.step(0, rest))
+        _close(logits[0], logits[1], "after the restored prefix")
+        for got, expected in zip(loops[0].cache(0), loops[1].cache(0)):
+            _close(got, expected, "cache")
+
+
 def test_outputs_do_not_alias_the_next_call(engines):
     from mvlm_compile.runtime.trt_backend import TrtBackend
 
