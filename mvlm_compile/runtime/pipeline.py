@@ -124,8 +124,12 @@ def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator)
     scaled = logits.astype(np.float64) / sampling.temperature
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
-    order = np.argsort(-probs)
-    keep = order[: int(np.searchsorted(np.cumsum(probs[order]), sampling.top_p) + 1)]
+    order = np.argsort(-probs, kind="stable")
+    # The nucleus is chosen by probability, but drawn from in vocabulary order: drawn in the order of
+    # probability, near-equal ones (a high temperature makes them all near-equal) swap places under
+    # the last bits of rounding (a prompt prefilled in other chunks, a reused prefix, another batch),
+    # and the same draw would pick another token; in vocabulary order it picks the same one.
+    keep = np.sort(order[: int(np.searchsorted(np.cumsum(probs[order]), sampling.top_p) + 1)])
     return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
 
 
