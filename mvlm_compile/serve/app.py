@@ -363,6 +363,9 @@ class _Completion:
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
             "total_tokens": g.prompt_tokens + g.completion_tokens,
+            # OpenAI's field: prompt tokens whose K/V a kept prefix gave (an earlier turn; the same system
+            # prompt and image), not prefilled
+            "prompt_tokens_details": {"cached_tokens": g.cached_tokens},
         }
 
     def _finish_reason(self) -> str:

@@ -13,6 +13,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from mvlm_compile.runtime.prefix_cache import PAGE_TOKENS
 from mvlm_compile.runtime.scheduler import StepInfo
 
 # Latencies of the tiny model on a CPU up to a 7B model's first token on an Orin NX.
@@ -80,6 +81,28 @@ class Metrics:
         )
         self.prefill_tokens = Counter(
             "mvlm_prefill_tokens", "Prompt tokens prefilled, in chunks between decode steps.", registry=self.registry
+        )
+        self.prefix_cache_hits = Counter(
+            "mvlm_prefix_cache_hits",
+            "Generations whose prompt reused the K/V of a kept prefix (an earlier turn, the same system prompt "
+            "and image).",
+            registry=self.registry,
+        )
+        self.prefix_cache_reused_tokens = Counter(
+            "mvlm_prefix_cache_reused_tokens",
+            "Prompt tokens whose K/V a kept prefix gave, so not prefilled (usage.prompt_tokens_details.cached_tokens).",
+            registry=self.registry,
+        )
+        self.prefix_cache_pages = Gauge(
+            "mvlm_prefix_cache_pages",
+            f"The prefix cache's pages, each the K/V of {PAGE_TOKENS} positions (--prefix-cache-mib; 0: no prefix "
+            "reuse).",
+            registry=self.registry,
+        )
+        self.prefix_cache_pages_used = Gauge(
+            "mvlm_prefix_cache_pages_used",
+            "The prefix cache's pages holding a kept prefix (the least recently used is evicted when all are).",
+            registry=self.registry,
         )
         self.ready = Gauge("mvlm_ready", "1 once the model is loaded and warmed up.", registry=self.registry)
 

@@ -96,6 +96,13 @@ class Worker:
         self.metrics.slots.set(session.max_batch)
         session.add_step_listener(self.metrics.observe_step)
 
+        def pages(used: bool) -> int:  # read at each scrape, from the scheduler's counts
+            cache = session.prefix_cache_info()
+            return 0 if cache is None else cache.pages_used if used else cache.pages
+
+        self.metrics.prefix_cache_pages.set_function(lambda: pages(used=False))
+        self.metrics.prefix_cache_pages_used.set_function(lambda: pages(used=True))
+
     def admit(self) -> Job:
         """A place in the queue, or a 429 when max_queue requests already wait."""
         job = Job(self)
@@ -152,6 +159,9 @@ class Worker:
         m.generations.labels(generation.finish_reason or "cancelled").inc()
         if ran:
             m.prompt_tokens.inc(generation.prompt_tokens)
+            if generation.cached_tokens:
+                m.prefix_cache_hits.inc()
+                m.prefix_cache_reused_tokens.inc(generation.cached_tokens)
         m.completion_tokens.inc(generation.completion_tokens)
         if first_at is not None and generation.completion_tokens > 1:
             m.time_per_output_token.observe((time.perf_counter() - first_at) / (generation.completion_tokens - 1))
