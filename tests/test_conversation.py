@@ -271,7 +271,7 @@ def test_a_stopped_answer_stays_as_its_text_so_far(reuse):
     "messages, message",
     [
         ([], r"^messages: no user turn"),
-        ([{"role": "assistant", "content": "Hi"}], r"^messages\[0\]: a assistant turn first; expected user and"),
+        ([{"role": "assistant", "content": "Hi"}], r"^messages\[0\]: an assistant turn first; expected user and"),
         (_turns(["a", "b"], [])[:1] * 2, r"^messages\[1\]: a user turn after a user turn; expected user and assistant"),
         (_turns(["a"], ["b"]), r"^messages\[1\]: the conversation ends with an assistant turn; expected a user turn"),
         (

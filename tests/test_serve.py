@@ -3,7 +3,9 @@ on a Jetson) on the embedded shapes model's deployed form, queried with the offi
 and raw HTTP.
 
 The expected answer is the FP32 PyTorch reference's (golden/tiny-shapes/generation.json), its
-prompt's length counted from the golden input ids and the vision config (LDPv2 pools 2x2). Two
+prompt's length counted from the golden input ids and the vision config (LDPv2 pools 2x2); a
+conversation's prompt length is counted with the model's tokenizer over the authors' template, and
+its answers are a session's without prefix reuse (prefix_cache_mib=0), in this process. Two
 servers per module: `server` with the defaults (and small body/image limits, short header and body
 timeouts), `guarded` with an API key (from a file), no queue (--max-queue 0) and remote images
 allowed; the last test stops `guarded` with SIGTERM.
@@ -296,6 +298,270 @@ def test_metrics_count_one_request(server, reference):
     assert after["mvlm_queue_depth"] == after["mvlm_requests_running"] == 0 and after["mvlm_ready"] == 1
 
 
+# Conversations ---------------------------------------------------------------------------------
+
+SYSTEM_V1 = (  # the authors' conv_vicuna_v1 system prompt, the one the template has unless a system message replaces it
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@pytest.fixture(scope="module")
+def count_prompt_tokens():
+    """(system, [(role, text), ...], image) -> the prompt's tokens, the image's included: the authors'
+    'v1' template ("{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"), each "</s>"
+    the EOS token and each piece between them and the image encoded by the model's tokenizer (which
+    adds BOS: kept at the start only)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(SHAPES_MODEL / "tokenizer.json"))
+    vision = json.loads((SHAPES_MODEL / "config.json").read_text())["vision_config"]
+    image_tokens = (vision["image_size"] // vision["patch_size"] // 2) ** 2
+
+    def count(system: str, turns: list[tuple[str, str]], image: bool = True) -> int:
+        text = system + " "
+        for i, (role, said) in enumerate(turns):
+            if role == "user":
+                text += "USER: " + ("<image>\n" if i == 0 and image else "") + said + " "
+            else:
+                text += "ASSISTANT: " + said + "</s>"
+        text += "ASSISTANT:"
+        tokens = 0
+        for k, segment in enumerate(text.split("</s>")):
+            tokens += bool(k)  # the EOS before the segment
+            for c, piece in enumerate(segment.split("<image>")):
+                tokens += (image_tokens if c else 0) + len(tokenizer.encode(piece).ids) - (k > 0 or c > 0)
+        return tokens
+
+    return count
+
+
+@pytest.fixture(scope="module")
+def no_reuse(shapes_int4):
+    """A session in this process on the same bundle with no prefix reuse: every prompt prefilled whole."""
+    from mvlm_compile import Session
+
+    with Session(shapes_int4, int4_activations="fp32", prefix_cache_mib=0) as session:
+        assert session.prefix_cache_info() is None
+        yield session
+
+
+def test_a_conversation_reuses_its_earlier_turns(server, reference, count_prompt_tokens, no_reuse):
+    """Three turns about the image through the openai client: turns 2 and 3 reuse the kept K/V of the
+    turn before (its prompt and its answer's tokens, all but EOS, which is never fed back), answer
+    what a session without reuse answers, and /metrics counts the reuse their usage reports."""
+    client = server.client()
+    image = data_url(IMAGE.read_bytes())
+    questions = [QUESTION, "What shape is on the left?", "Where is the red shape?"]
+    before = server.metrics()
+    messages, turns, answers = [], [], []
+    for n, question in enumerate(questions):
+        if n == 0:
+            content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image}}]
+        else:
+            content = question
+        messages.append({"role": "user", "content": content})
+        turns.append(("user", question))
+        if n < 2:
+            answer = client.chat.completions.create(model=MODEL, messages=messages)
+            text, usage = answer.choices[0].message.content, answer.usage
+        else:  # the last turn streamed: its usage chunk reports the cached tokens too
+            stream = client.chat.completions.create(
+                model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}
+            )
+            chunks = list(stream)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            usage = chunks[-1].usage
+        assert usage.prompt_tokens == count_prompt_tokens(SYSTEM_V1, turns)
+        expected = no_reuse.chat([{"role": r, "content": t} for r, t in turns], IMAGE)
+        assert text == expected.text and usage.completion_tokens == expected.completion_tokens
+        answers.append(usage)
+        # The assistant's turn as text parts (n == 0) or a string.
+        said = [{"type": "text", "text": text}] if n == 0 else text
+        messages.append({"role": "assistant", "content": said})
+        turns.append(("assistant", text))
+    assert answers[0].completion_tokens == reference["completion_tokens"]
+    for earlier, later in zip(answers, answers[1:]):
+        assert later.prompt_tokens_details.cached_tokens == earlier.prompt_tokens + earlier.completion_tokens
+    after = server.metrics()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    cached = [usage.prompt_tokens_details.cached_tokens for usage in answers]
+    assert grew("mvlm_prefix_cache_hits_total") == sum(1 for c in cached if c)
+    assert grew("mvlm_prefix_cache_reused_tokens_total") == sum(cached)
+    prompts = sum(usage.prompt_tokens for usage in answers)
+    assert grew("mvlm_prefill_tokens_total") == prompts - sum(cached)
+    # The default pool holds one sequence at the model's context, in pages of 16 positions; the last
+    # turn's sequence (its prompt and answer, the turns before sharing its pages) is kept whole.
+    context = json.loads((SHAPES_MODEL / "config.json").read_text())["max_position_embeddings"]
+    assert after["mvlm_prefix_cache_pages"] == context // 16
+    kept = answers[-1].prompt_tokens + answers[-1].completion_tokens
+    assert math.ceil(kept / 16) <= after["mvlm_prefix_cache_pages_used"] <= context // 16
+
+
+def test_a_system_message_replaces_the_templates(server, reference, count_prompt_tokens, no_reuse):
+    system = "Answer briefly."
+    messages = [{"role": "system", "content": system}, *ask()]
+    answer = server.client().chat.completions.create(model=MODEL, messages=messages)
+    assert answer.usage.prompt_tokens == count_prompt_tokens(system, [("user", QUESTION)])
+    assert answer.usage.prompt_tokens != reference["prompt_tokens"]
+    expected = no_reuse.chat([{"role": "system", "content": system}, {"role": "user", "content": QUESTION}], IMAGE)
+    assert answer.choices[0].message.content == expected.text
+    # "developer" is OpenAI's newer name for the system role.
+    developer = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "developer", "content": system}, *ask()]
+    )
+    assert developer.choices[0].message.content == expected.text
+    assert developer.usage.prompt_tokens == answer.usage.prompt_tokens
+
+
+def test_a_text_only_conversation_is_answered(server, count_prompt_tokens, no_reuse):
+    question = "How many shapes are there?"
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 8},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == count_prompt_tokens(SYSTEM_V1, [("user", question)], image=False)
+    expected = no_reuse.chat([{"role": "user", "content": question}], max_tokens=8)
+    assert r.json()["choices"][0]["message"]["content"] == expected.text
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
+def user(*parts) -> dict:
+    return {"role": "user", "content": list(parts) if len(parts) > 1 or not isinstance(parts[0], str) else parts[0]}
+
+
+def assistant(content="A star.") -> dict:
+    return {"role": "assistant", "content": content}
+
+
+TEXT = {"type": "text", "text": QUESTION}
+GOOD_IMAGE = {"type": "image_url", "image_url": {"url": data_url(IMAGE.read_bytes())}}
+# name -> (messages, the error's param, words its message must hold)
+BAD_CONVERSATIONS = {
+    "two user turns in a row": ([user(TEXT, GOOD_IMAGE), user("And?")], "messages[1]", "a user turn after a user"),
+    "an assistant turn first": ([assistant(), user(TEXT, GOOD_IMAGE)], "messages[0]", "an assistant turn first"),
+    "an assistant turn last": ([user(TEXT, GOOD_IMAGE), assistant()], "messages[1]", "ends with an assistant turn"),
+    "a system message not first": (
+        [user(TEXT, GOOD_IMAGE), assistant(), {"role": "system", "content": "Be brief."}, user("And?")],
+        "messages[2]",
+        "expected it first",
+    ),
+    "an image in a later turn": (
+        [user("Hello."), assistant("Hello."), user(TEXT, GOOD_IMAGE)],
+        "messages[2].content[1]",
+        "the image in the first user turn",
+    ),
+    "two images": ([user(TEXT, GOOD_IMAGE, GOOD_IMAGE)], "messages[0].content[2]", "at most one image"),
+    "an image in an assistant turn": (
+        [user(TEXT, GOOD_IMAGE), assistant([{"type": "text", "text": "A star."}, GOOD_IMAGE]), user("And?")],
+        "messages[1].content[1]",
+        "an image in an assistant message",
+    ),
+    "an image in the system message": (
+        [{"role": "system", "content": [GOOD_IMAGE]}, user(TEXT)],
+        "messages[0].content[0]",
+        "the image in the first user turn",
+    ),
+    "a tool message": (
+        [user(TEXT, GOOD_IMAGE), {"role": "tool", "content": "42", "tool_call_id": "x"}],
+        "messages[1].role",
+        "'tool'",
+    ),
+    "a function message": (
+        [user(TEXT, GOOD_IMAGE), {"role": "function", "content": "42", "name": "f"}],
+        "messages[1].role",
+        "'function'",
+    ),
+    "an audio part": (
+        [user(TEXT, {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}})],
+        "messages[0].content[1].type",
+        "'input_audio'",
+    ),
+    "a refusal part in an assistant turn": (
+        [user(TEXT, GOOD_IMAGE), assistant([{"type": "refusal", "refusal": "No."}]), user("And?")],
+        "messages[1].content[0].type",
+        "expected 'text'",
+    ),
+    "an empty user turn": ([user(TEXT, GOOD_IMAGE), assistant(), user("  ")], "messages[2].content", "empty"),
+    "an empty assistant turn": ([user(TEXT, GOOD_IMAGE), assistant(""), user("And?")], "messages[1].content", "empty"),
+    "an assistant turn without content": (
+        [user(TEXT, GOOD_IMAGE), assistant(None), user("And?")],
+        "messages[1].content",
+        "empty",
+    ),
+    "only a system message": ([{"role": "system", "content": "Be brief."}], "messages", "no user turn"),
+    "the template's image token in a turn": (
+        [user(TEXT, GOOD_IMAGE), assistant("<image>"), user("And?")],
+        "messages[1].content",
+        "<image>",
+    ),
+    # Each turn fits; together (with the image's tokens) they leave no room in the context.
+    "a conversation longer than the context": (
+        [user(TEXT, GOOD_IMAGE), assistant("word " * 40), user("word " * 40)],
+        "messages",
+        "exceed the context",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CONVERSATIONS)
+def test_bad_conversations_get_openai_errors(server, name):
+    messages, param, says = BAD_CONVERSATIONS[name]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "\n" not in error["message"]
+    assert error["param"] == param, error
+    assert error["message"].startswith(f"{param}") and says in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "said, max_tokens_given, param, message",
+    [
+        ("messages[3].content: is empty; expected the user's text", False, "messages[3].content", None),
+        ("messages[2]: a user turn after a user turn; expected ...", False, "messages[2]", None),
+        (
+            "messages: 600 prompt tokens (with the image) + --max-new-tokens 128 exceed the context of 512 (x)",
+            False,
+            "messages",
+            "messages: 600 prompt tokens (with the image) + max_tokens 128 exceed the context of 512 (x)",
+        ),
+        (
+            "messages: 400 prompt tokens (with the image) + --max-new-tokens 200 exceed the context",
+            True,
+            "max_tokens",
+            "messages: 400 prompt tokens (with the image) + max_tokens 200 exceed",
+        ),
+        ("--temperature -1: expected 0 (greedy) or 0.01 to 100", False, "temperature", "temperature -1: expected"),
+        (
+            "image: not an image (x)",
+            False,
+            "messages[0].content[1].image_url.url",
+            "messages[0].content[1].image_url.url:",
+        ),
+    ],
+)
+def test_session_errors_name_the_requests_field(said, max_tokens_given, param, message):
+    from mvlm_compile.errors import MvlmError
+    from mvlm_compile.serve.errors import from_session_error
+
+    error = from_session_error(MvlmError(said), "messages[0].content[1].image_url.url", max_tokens_given)
+    assert (error.status, error.param) == (400, param)
+    assert error.message.startswith(message or said) and "--" not in error.message
+
+
+def test_the_openai_client_reads_a_conversation_error(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model=MODEL, messages=[user(TEXT, GOOD_IMAGE), assistant()])
+    assert e.value.param == "messages[1]" and "ends with an assistant turn" in e.value.message
+
+
 # Bad input -------------------------------------------------------------------------------------
 
 
@@ -311,11 +577,6 @@ def body(**changes) -> dict:
     return {"model": MODEL, "messages": ask(), **changes}
 
 
-def image_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-GOOD_IMAGE = image_part(data_url(IMAGE.read_bytes()))
 BAD_REQUESTS = {
     "bad base64": (body(messages=ask(url="data:image/png;base64,@@not base64@@")), 400, "image_url.url"),
     "not an image": (body(messages=ask(url=data_url(b"GIF? no, plain text"))), 400, "image_url.url"),
@@ -328,15 +589,7 @@ BAD_REQUESTS = {
     "temperature out of range": (body(temperature=-1), 400, "temperature"),
     "top_p 0": (body(top_p=0), 400, "top_p"),
     "unknown model": (body(model="gpt-4o"), 404, "model"),
-    "no image": (body(messages=[{"role": "user", "content": QUESTION}]), 400, "messages[0].content"),
-    "two images": (
-        body(messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION}, GOOD_IMAGE, GOOD_IMAGE]}]),
-        400,
-        "messages[0].content",
-    ),
     "no question": (body(messages=[{"role": "user", "content": [GOOD_IMAGE]}]), 400, "messages[0].content"),
-    "system prompt": (body(messages=[{"role": "system", "content": "Be brief."}, *ask()]), 400, "messages"),
-    "two turns": (body(messages=[*ask(), {"role": "assistant", "content": "A star."}, *ask()]), 400, "messages"),
     "image part without url": (
         body(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}]),
         400,

@@ -62,16 +62,16 @@ class Dialogue:
             if role in ("system", "developer"):
                 if i:
                     raise MvlmError(
-                        f"messages[{i}]: a {role} message after the conversation started; expected it first "
+                        f"messages[{i}]: {_a(role)} message after the conversation started; expected it first "
                         "(it replaces the template's system prompt)"
                     )
                 system = content
                 continue
             expected = "user" if not turns or turns[-1].role == "assistant" else "assistant"
             if role != expected:
-                after = f"after a {turns[-1].role} turn" if turns else "first"
+                after = f"after {_a(turns[-1].role)} turn" if turns else "first"
                 raise MvlmError(
-                    f"messages[{i}]: a {role} turn {after}; expected user and assistant turns in turn, "
+                    f"messages[{i}]: {_a(role)} turn {after}; expected user and assistant turns in turn, "
                     "starting with the user"
                 )
             if not content.strip():
@@ -94,6 +94,10 @@ class Dialogue:
     def text(self) -> str:
         """The prompt as the authors' template writes it."""
         return SEP2.join(self.segments)
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"  # a user, a system, a developer
 
 
 def _role_and_content(message: object, i: int) -> tuple[str, str]:

@@ -53,11 +53,11 @@ from mvlm_compile.serve.images import image_bytes
 from mvlm_compile.serve.metrics import Metrics
 from mvlm_compile.serve.schema import (
     ChatCompletionRequest,
-    Question,
+    Conversation,
     max_new_tokens,
     parse_request,
     stop_strings,
-    the_question,
+    the_conversation,
 )
 from mvlm_compile.serve.worker import Job, Worker
 from mvlm_compile.session import Session, TextStream
@@ -196,22 +196,22 @@ class _State:
     def prepare(
         self,
         request: ChatCompletionRequest,
-        question: Question,
-        image: bytes,
+        conversation: Conversation,
+        image: bytes | None,
         max_tokens: int | None,
         stop: tuple[str, ...],
     ) -> TextStream:
-        """The session's checked stream for the request (on a thread: it tokenizes and decodes)."""
+        """The session's checked stream for the request (on a thread: it tokenizes and decodes the image)."""
         session = self.require_ready()
         temperature = 0.0 if request.temperature is None else request.temperature
         seed = request.seed
         if seed is None:  # greedy needs none; sampling without a seed differs from call to call, as OpenAI's
             seed = secrets.randbelow(2**31) if temperature > 0 else 0
         try:
-            with self.decodes:
-                return session.generate(
+            with self.decodes if image is not None else contextlib.nullcontext():  # text only: nothing to decode
+                return session.chat(
+                    [dict(message) for message in conversation.messages],
                     image,
-                    question.text,
                     max_tokens=max_tokens,  # None: OpenAI's default, as many as the context leaves
                     temperature=temperature,
                     top_p=1.0 if request.top_p is None else request.top_p,
@@ -220,7 +220,7 @@ class _State:
                     stream=True,
                 )
         except MvlmError as e:
-            raise from_session_error(e, question.image_param, max_tokens is not None) from None
+            raise from_session_error(e, conversation.image_param, max_tokens is not None) from None
 
     async def close(self, loading: asyncio.Task) -> None:
         self.status = "stopping"
@@ -311,16 +311,18 @@ def create_app(options: ServeOptions, on_load_failure: Callable[[BaseException],
         chat = await asyncio.to_thread(_parse, body)  # megabytes of JSON: not on the event loop
         del body
         _check_model(chat.model)
-        question = the_question(chat)
+        conversation = the_conversation(chat)
         max_tokens, stop = max_new_tokens(chat), stop_strings(chat)
-        image = await image_bytes(
-            question.image_url,
-            question.image_param,
-            options.max_image_bytes,
-            state.fetcher,
-            options.image_fetch_timeout,
-        )
-        job.start(await asyncio.to_thread(state.prepare, chat, question, image, max_tokens, stop))
+        image = None  # a text-only conversation
+        if conversation.image_url is not None:
+            image = await image_bytes(
+                conversation.image_url,
+                conversation.image_param or "messages",
+                options.max_image_bytes,
+                state.fetcher,
+                options.image_fetch_timeout,
+            )
+        job.start(await asyncio.to_thread(state.prepare, chat, conversation, image, max_tokens, stop))
         return chat.stream, bool(chat.stream_options and chat.stream_options.include_usage)
 
     async def api_error(request: Request, error: Exception) -> Response:

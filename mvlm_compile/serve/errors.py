@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from starlette.responses import JSONResponse
 
 from mvlm_compile.errors import MvlmError
@@ -29,6 +31,8 @@ _SESSION_OPTIONS = {
     "--stop": "stop",
     "--prompt": "messages",
 }
+# The request field a session's message starts with: messages, messages[2], messages[1].content...
+_FIELD = re.compile(r"(messages(?:\[\d+\])?(?:\.[a-z_]+)?)[: ]")
 
 
 class APIError(Exception):
@@ -52,16 +56,25 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def from_session_error(error: MvlmError, image_param: str, max_tokens_given: bool) -> APIError:
-    """A 400 for what Session.generate refused, in the request's terms (max_tokens, not --max-new-tokens).
-    A context overflow is the prompt's fault unless the request asked for max_tokens."""
+def field_of(message: str) -> str | None:
+    """The request's field a message about the conversation starts with ("messages[2]: ..." -> messages[2])."""
+    found = _FIELD.match(message)
+    return found.group(1) if found else None
+
+
+def from_session_error(error: MvlmError, image_param: str | None, max_tokens_given: bool) -> APIError:
+    """A 400 for what Session.chat refused, in the request's terms (max_tokens, not --max-new-tokens),
+    its param the field the message starts with (messages[i]...). A context overflow is the prompt's
+    fault unless the request asked for max_tokens."""
     message = error.format_message()
-    param = None
-    if message.startswith("image:"):  # decoding the image failed: name where it is in the request
+    param = field_of(message)
+    if message.startswith("image:") and image_param:  # decoding the image failed: name where it is in the request
         param, message = image_param, image_param + message[len("image") :]
     for option, field in _SESSION_OPTIONS.items():
         if option in message:
             overflow = "exceed the context" in message
-            param = param or ("max_tokens" if overflow and max_tokens_given else "messages" if overflow else field)
+            if overflow and max_tokens_given:
+                param = "max_tokens"
+            param = param or ("messages" if overflow else field)
             message = message.replace(option, field)
     return APIError(400, message, param=param)

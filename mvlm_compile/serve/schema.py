@@ -1,11 +1,14 @@
 """The chat-completions request (OpenAI's schema), and what of it this model answers.
 
-The model answers one question about one image in its own conversation template, which has a fixed
-system prompt. So a request holds exactly one message, from the user, whose content has text (the
-question; several text parts are joined by newlines) and exactly one `image_url` part. System and
-assistant messages, several turns, a message without an image or with several are refused with
-400, as are options that would change the answer in ways this server does not implement (n > 1,
-logprobs, tools, penalties, JSON mode): a clear error rather than an answer that ignores them.
+The model holds a conversation in its authors' template: an optional system (or developer) message
+first, in place of the template's system prompt, then user and assistant turns in turn, the user's
+last (the one answered). A message's content is text or a list of parts: text parts (several are
+joined by newlines) and, in the first user message only, at most one `image_url` part, the image
+the conversation is about; without one the conversation is text only. Anything else (turns out of
+order, an image in a later turn or a second image, tool or function messages, other part types,
+empty turns) is refused with 400 naming the field, as are options that would change the answer in
+ways this server does not implement (n > 1, logprobs, tools, penalties, JSON mode): a clear error
+rather than an answer that ignores them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from mvlm_compile.serve.errors import APIError
+from mvlm_compile.errors import MvlmError
+from mvlm_compile.model.prompt import Dialogue
+from mvlm_compile.serve.errors import APIError, field_of
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 
@@ -105,13 +110,18 @@ _UNSUPPORTED = {
 }
 
 
-@dataclass(frozen=True)
-class Question:
-    """What the session is asked: the question, the image's URL and where it is in the request."""
+ROLES = ("system", "developer", "user", "assistant")
 
-    text: str
-    image_url: str
-    image_param: str  # e.g. messages[0].content[1].image_url.url, for errors
+
+@dataclass(frozen=True)
+class Conversation:
+    """What the session is asked: the messages as text ({"role", "content"}, one per request message,
+    so that the session's errors name the request's messages[i]), the image's URL (None: text only)
+    and where it is in the request."""
+
+    messages: tuple[dict[str, str], ...]
+    image_url: str | None = None
+    image_param: str | None = None  # e.g. messages[0].content[1].image_url.url, for errors
 
 
 def parse_request(document: object) -> ChatCompletionRequest:
@@ -144,43 +154,62 @@ def _param(loc: tuple) -> str:
     return text
 
 
-def the_question(request: ChatCompletionRequest) -> Question:
-    """The one user message's question and image, or a 400 that says what this model takes."""
-    if len(request.messages) != 1 or request.messages[0].role != "user":
-        roles = ", ".join(m.role for m in request.messages)
-        raise APIError(
-            400,
-            f"messages: expected exactly one message, from the user, with a question and one image (got: {roles}); "
-            "this model answers one question about one image in its own template (no system prompt, no turns)",
-            param="messages",
-        )
-    content = request.messages[0].content
-    parts = [TextPart(type="text", text=content)] if isinstance(content, str) else list(content or [])
-    texts, images = [], []
-    for i, part in enumerate(parts):
-        if isinstance(part, TextPart):
-            texts.append(part.text)
-        elif isinstance(part, ImagePart):
-            images.append((i, part.image_url.url))
-        else:
+def the_conversation(request: ChatCompletionRequest) -> Conversation:
+    """The request's messages as the template's turns and its image, or a 400 naming the first field
+    that is not what this model takes."""
+    messages, images = [], []  # images: (where, url)
+    for i, message in enumerate(request.messages):
+        if message.role not in ROLES:
             raise APIError(
                 400,
-                f"content part type {part.type!r}: expected 'text' or 'image_url'",
-                param=f"messages[0].content[{i}].type",
+                f"messages[{i}].role {message.role!r}: expected 'system', 'developer', 'user' or 'assistant' "
+                "(this server has no tools or functions)",
+                param=f"messages[{i}].role",
             )
-    if len(images) != 1:
-        raise APIError(
-            400,
-            f"messages[0].content: {len(images)} images; expected exactly one image_url part",
-            param="messages[0].content",
-        )
-    question = "\n".join(texts)
-    if not question.strip():
-        raise APIError(
-            400, "messages[0].content: no question (a text part) about the image", param="messages[0].content"
-        )
-    at, url = images[0]
-    return Question(question, url, f"messages[0].content[{at}].image_url.url")
+        content = message.content
+        parts = [TextPart(type="text", text=content)] if isinstance(content, str) else list(content or [])
+        texts = []
+        for j, part in enumerate(parts):
+            if isinstance(part, TextPart):
+                texts.append(part.text)
+            elif isinstance(part, ImagePart):
+                images.append((i, j, part.image_url.url))
+            else:
+                expected = "'text' or 'image_url'" if message.role == "user" else "'text'"
+                raise APIError(
+                    400,
+                    f"messages[{i}].content[{j}].type {part.type!r}: expected {expected}",
+                    param=f"messages[{i}].content[{j}].type",
+                )
+        messages.append({"role": message.role, "content": "\n".join(texts)})
+    try:  # the turns' order and text, as the session checks them: before an image is fetched or decoded
+        Dialogue.from_messages(messages, image=bool(images))
+    except MvlmError as e:
+        said = e.format_message()
+        raise APIError(400, said, param=field_of(said) or "messages") from None
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    for n, (i, j, _) in enumerate(images):
+        where = f"messages[{i}].content[{j}]"
+        if i != first_user:
+            role = messages[i]["role"]
+            turn = "a later user turn" if role == "user" else f"{'an' if role == 'assistant' else 'a'} {role} message"
+            raise APIError(
+                400,
+                f"{where}: an image in {turn}; expected the image in the first user turn (messages[{first_user}]), "
+                "one image per conversation",
+                param=where,
+            )
+        if n:
+            first = f"messages[{images[0][0]}].content[{images[0][1]}]"
+            raise APIError(
+                400,
+                f"{where}: a second image (the first is {first}); expected at most one image per conversation",
+                param=where,
+            )
+    if not images:
+        return Conversation(tuple(messages))
+    i, j, url = images[0]
+    return Conversation(tuple(messages), url, f"messages[{i}].content[{j}].image_url.url")
 
 
 def max_new_tokens(request: ChatCompletionRequest) -> int | None:
