@@ -177,18 +177,20 @@ class TokenLimits:
         prompt_option: str = "--prompt",
         new_option: str = "--max-new-tokens",
         chunked_prefill: bool = False,
+        image: bool = True,
     ) -> None:
         """A usage error (exit 2) naming the limit, before any shape reaches TensorRT. With
         `chunked_prefill` a prompt is prefilled in calls of at most max_prompt tokens, so only the
-        context bounds it."""
+        context bounds it. `image`: whether the prompt's tokens include an image's."""
+        counted = "prompt tokens (with the image)" if image else "prompt tokens"
         if prompt_tokens + new_tokens > self.context:
             raise MvlmError(
-                f"{prompt_option}: {prompt_tokens} prompt tokens (with the image) + {new_option} {new_tokens} exceed "
+                f"{prompt_option}: {prompt_tokens} {counted} + {new_option} {new_tokens} exceed "
                 f"the context of {self.context} ({self.source})"
             )
         if prompt_tokens > self.max_prompt and not chunked_prefill:
             raise MvlmError(
-                f"{prompt_option}: {prompt_tokens} prompt tokens (with the image) exceed the longest prompt of "
+                f"{prompt_option}: {prompt_tokens} {counted} exceed the longest prompt of "
                 f"{self.max_prompt} one prefill takes ({self.source})"
             )
 

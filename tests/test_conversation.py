@@ -300,6 +300,9 @@ def test_a_conversation_longer_than_the_context_is_refused(reuse):
         MvlmError, match=rf"^messages: {tokens} prompt tokens \(with the image\) \+ --max-new-tokens 8 "
     ):
         reuse.chat(messages, IMAGE, max_tokens=8)
+    # Text only: its prompt has no image's tokens to count, and the message does not say it has.
+    with pytest.raises(MvlmError, match=r"^messages: \d+ prompt tokens \+ --max-new-tokens 400 exceed the context"):
+        reuse.chat(messages, max_tokens=400)
 
 
 def test_with_chunked_prefill_only_the_context_bounds_a_prompt(reuse):

@@ -158,7 +158,7 @@ def test_bad_requests_are_refused_before_running(session, image, prompt, options
 
 
 class CountingTokenizer:
-    """The session's tokenizer, recording every text it is asked to encode."""
+    """The session's prompt tokenizer, recording every text it is asked to encode."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.encoded = tokenizer, []
@@ -172,8 +172,8 @@ class CountingTokenizer:
 
 
 def test_a_question_that_cannot_fit_is_refused_before_it_is_tokenized(session, monkeypatch):
-    counting = CountingTokenizer(session._chat.tokenizer)
-    monkeypatch.setattr(session._chat, "tokenizer", counting)
+    counting = CountingTokenizer(session._chat.prompt_tokenizer.literal)
+    monkeypatch.setattr(session._chat.prompt_tokenizer, "literal", counting)
     with pytest.raises(MvlmError, match=r"^--prompt: 3000000 characters cannot fit in the context"):
         session.generate(IMAGE, "x" * 3_000_000)
     assert counting.encoded == []
@@ -199,8 +199,8 @@ def test_the_question_bound_never_refuses_a_question_that_fits(session):
 def test_without_max_tokens_the_answer_may_fill_the_context_and_the_question_is_tokenized_once(
     session, reference_answer, monkeypatch
 ):
-    counting = CountingTokenizer(session._chat.tokenizer)
-    monkeypatch.setattr(session._chat, "tokenizer", counting)
+    counting = CountingTokenizer(session._chat.prompt_tokenizer.literal)
+    monkeypatch.setattr(session._chat.prompt_tokenizer, "literal", counting)
     answer = session.generate(IMAGE, QUESTION, max_tokens=None)
     assert (answer.text, answer.finish_reason) == (reference_answer[0], "stop")
     assert answer.max_new_tokens == session.limits.context - answer.prompt_tokens

@@ -303,6 +303,7 @@ def _post(url: str, body: dict) -> str:
 def test_the_repository_is_self_contained(shapes_int4, tmp_path):
     out = tmp_path / "repo"
     argv = ["triton", str(shapes_int4), "--out", str(out), "--json", "--max-tokens", "32", "--max-batch", "3"]
+    argv += ["--prefix-cache-mib", "64"]
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -316,6 +317,7 @@ def test_the_repository_is_self_contained(shapes_int4, tmp_path):
         "int4_activations": "int8",
         "max_batch": "3",  # the entry model's Session decodes up to 3 requests together
         "prefill_chunk": "128",
+        "prefix_cache_mib": "64.0",  # the entry model's Session keeps 64 MiB of finished answers' KV cache
     }
     version = out / MODEL / "1"
     assert (version / "model.py").read_bytes() == triton_repository.MODEL_PY.read_bytes()

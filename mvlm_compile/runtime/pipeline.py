@@ -301,7 +301,9 @@ class Chat:
         if max_new_tokens is None:
             max_new_tokens = max(1, limits.context - prompt_tokens)
         # The backend's limits: an engine's profiles may be tighter than the model's context.
-        limits.check(prompt_tokens, max_new_tokens, option, chunked_prefill=self.chunked_prefill)
+        limits.check(
+            prompt_tokens, max_new_tokens, option, chunked_prefill=self.chunked_prefill, image=conversation.image
+        )
         return Generation(ids, prompt_tokens, max_new_tokens=max_new_tokens)
 
     def answer_text(self, generation: Generation, stop: Sequence[str]) -> AnswerText:
