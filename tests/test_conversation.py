@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_kv_cache import _plan
 
 from mvlm_compile import Session
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.model.config import IMAGE_TOKEN_INDEX
 from mvlm_compile.model.prompt import SYSTEM_V1, Dialogue
-from mvlm_compile.runtime.kv_cache import DecoderLoop, DecoderPlan
+from mvlm_compile.runtime.kv_cache import DecoderLoop
 from mvlm_compile.runtime.ort_backend import OrtExecutor
 from mvlm_compile.runtime.prefix_cache import PrefixCache
 from mvlm_compile.tinytask.scenes import draw_scene, sample_scene
@@ -36,19 +37,8 @@ PAGE = 16
 
 
 def _loop(slots: int = 3) -> DecoderLoop:
-    plan = DecoderPlan(
-        layers=2,
-        slots=slots,
-        kv_heads=2,
-        head_dim=64,
-        hidden=8,
-        vocab=16,
-        context=96,
-        max_prompt=64,
-        embeds_dtype=np.dtype(np.float32),
-        kv_dtype=np.dtype(np.float16),
-        logits_dtype=np.dtype(np.float32),
-    )
+    """A decoder block of 2 layers x 3 slots with 256-byte rows, its cache filled with random bytes."""
+    plan = _plan(layers=2, slots=slots, kv_heads=2, head_dim=64, hidden=8, vocab=16, context=96, max_prompt=64)
     loop = DecoderLoop(OrtExecutor(None), plan)
     rng = np.random.default_rng(0)
     loop.executor.write(loop.base, rng.integers(0, 256, plan.cache_bytes, dtype=np.uint8))
