@@ -544,16 +544,19 @@ def _backend_options(fn):
     return fn
 
 
+_prefix_cache_option = click.option(
+    "--prefix-cache-mib",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Memory (MiB) keeping finished answers' KV cache, so that a prompt starting the same way (a "
+    "conversation's next turn, the same system prompt and image) prefills only its new tokens "
+    "(default: one sequence at the full context; 0: no reuse).",
+)
+
+
 def _batching_options(fn):
     """--max-batch, --prefill-chunk and --prefix-cache-mib: the Session's scheduler (runtime/scheduler.py)."""
-    fn = click.option(
-        "--prefix-cache-mib",
-        type=click.FloatRange(min=0),
-        default=None,
-        help="Memory (MiB) keeping finished answers' KV cache, so that a prompt starting the same way (a "
-        "conversation's next turn, the same system prompt and image) prefills only its new tokens "
-        "(default: one sequence at the full context; 0: no reuse).",
-    )(fn)
+    fn = _prefix_cache_option(fn)
     fn = click.option(
         "--prefill-chunk",
         type=click.IntRange(min=1),
@@ -579,6 +582,14 @@ def _int4_activations_option(fn):
         show_default=True,
         help="ONNX Runtime's INT4 MatMul activations: int8 is ~2.5x faster at 1.7B; fp32 is what verify uses.",
     )(fn)
+
+
+def _sampling_options(fn):
+    """--temperature, --top-p, --seed and --stop: how each answer is sampled (run, chat)."""
+    fn = click.option("--stop", multiple=True, help="Stop string (repeatable); EOS always stops.")(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True)(fn)
+    fn = click.option("--top-p", type=float, default=1.0, show_default=True)(fn)
+    return click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")(fn)
 
 
 def _open_backend(
@@ -745,10 +756,7 @@ def evaluate(
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @_backend_options
 @_int4_activations_option
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--stop", multiple=True, help="Stop string (repeatable); EOS always stops.")
+@_sampling_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 def run(
     artifacts: Path,
