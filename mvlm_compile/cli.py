@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import signal
 import sys
@@ -884,6 +885,10 @@ def _line_reader(terminal: bool):
     """stdin's lines (None at its end). At a terminal, after the prompt "> ": with line editing and
     history (readline) when stdout is the terminal too, else on stderr, which keeps stdout the answers'."""
     editing = terminal and sys.stdout.isatty()
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # Bytes that are not text in the locale's encoding reach the conversation, which refuses
+        # that line alone (one line of error), instead of failing the read of every line.
+        sys.stdin.reconfigure(errors="surrogateescape")
     if editing:
         try:
             import readline  # noqa: F401  (gives input() line editing and history)

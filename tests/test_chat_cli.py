@@ -200,6 +200,16 @@ def test_a_bad_command_from_a_script_exits_2(shapes_int4, line, message):
     assert f"error: input line 1: {message}" in result.stderr
 
 
+def test_a_line_that_is_not_text_is_refused_alone(shapes_int4, reference):
+    """Bytes that are not UTF-8 fail their own line (status 2 from a script), not the lines before."""
+    (answer,) = answers(reference, IMAGE, [HOW_MANY])
+    stdin = HOW_MANY.encode() + b"\n\xff\xfe shapes?\n"
+    result = CliRunner().invoke(cli, ["chat", str(shapes_int4), "--image", str(IMAGE)], input=stdin)
+    assert (result.exit_code, result.stdout) == (2, f"{answer.text}\n")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: input line 2: ")
+    assert "not valid UTF-8" in result.stderr
+
+
 def test_bad_sampling_options_fail_before_the_bundle_is_opened(tmp_path):
     result = chat(tmp_path / "no-bundle", "--temperature", "-1", lines=[HOW_MANY])
     assert result.exit_code == 2 and result.stderr.startswith("error: --temperature -1.0: ")
