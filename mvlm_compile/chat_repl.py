@@ -58,8 +58,7 @@ class Turn:
 class ChatRepl:
     """Lines from `read_line` (a line without its end, None at the end of the input) asked to
     `conversation` (Session.conversation) with `options` (max_tokens, temperature, top_p, seed,
-    stop); answers through `write` (stdout), everything else through `note` (stderr, one line each).
-    `load_image(path)` checks and decodes an image file for /image (raising MvlmError)."""
+    stop); answers through `write` (stdout), everything else through `note` (stderr, one line each)."""
 
     def __init__(
         self,
@@ -70,13 +69,10 @@ class ChatRepl:
         *,
         interactive: bool,
         options: Mapping[str, Any] | None = None,
-        load_image: Callable[[Path], Any] | None = None,
         as_json: bool = False,
-        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.conversation, self.read_line, self.write, self.note = conversation, read_line, write, note
-        self.interactive, self.options, self.as_json, self.clock = interactive, dict(options or {}), as_json, clock
-        self._load_image = load_image
+        self.interactive, self.options, self.as_json = interactive, dict(options or {}), as_json
         self.turns: list[Turn] = []
 
     def banner(self, title: str, image: str | None) -> None:
@@ -121,8 +117,7 @@ class ChatRepl:
                 self.note(f"error: {message}")
 
     def _command(self, line: str) -> str | None:
-        name, _, argument = line.partition(" ")
-        argument = argument.strip()
+        name, argument = (line.split(maxsplit=1) + [""])[:2]
         if name in ("/exit", "/reset", "/help") and argument:
             raise MvlmError(f"{name}: takes no argument (got {argument!r})")
         if name == "/exit":
@@ -145,7 +140,7 @@ class ChatRepl:
         from mvlm_compile.model.preprocess import load_image
 
         path = Path(name).expanduser()
-        picture = (self._load_image or load_image)(path)
+        picture = load_image(path)
         had_turns = bool(self.conversation.messages)
         self.conversation.reset(image=picture)
         forgotten = " (the image goes in the first turn, so the turns so far are forgotten)" if had_turns else ""
@@ -153,7 +148,7 @@ class ChatRepl:
 
     def ask(self, question: str) -> Turn:
         """Stream the answer to `question`; Ctrl-C stops it (its text so far stays as the turn)."""
-        started = self.clock()
+        started = time.perf_counter()
         with _interrupts_held() as interrupted:  # a Ctrl-C now waits until the stream is in hand
             stream = self.conversation.ask(question, stream=True, **self.options)
         shown, first = "", None
@@ -162,7 +157,7 @@ class ChatRepl:
             try:
                 for piece in stream:
                     if first is None:
-                        first = self.clock() - started
+                        first = time.perf_counter() - started
                     shown += piece
                     if not self.as_json:
                         self.write(piece)
@@ -180,7 +175,7 @@ class ChatRepl:
             generation.completion_tokens,
             generation.finish_reason,
             None if first is None else round(first, 4),
-            round(self.clock() - started, 4),
+            round(time.perf_counter() - started, 4),
         )
         if self.as_json:
             self.write(json.dumps(asdict(turn)) + "\n")
