@@ -468,7 +468,14 @@ def test_ctrl_c_while_the_question_is_submitted_stops_its_answer(session, refere
 # -- the command, at a real terminal and under a real SIGINT --
 
 
-def test_sigint_while_it_waits_for_a_line_from_a_pipe_exits_130(shapes_int4, reference):
+@pytest.mark.parametrize(
+    "signum, message",
+    [
+        (signal.SIGINT, "interrupted: mvlm-compile chat"),
+        (signal.SIGTERM, "interrupted: mvlm-compile chat (SIGTERM)"),  # leaves, where Ctrl-C would stop an answer
+    ],
+)
+def test_a_signal_while_it_waits_for_a_line_from_a_pipe_exits_130(shapes_int4, reference, signum, message):
     (answer,) = answers(reference, IMAGE, [HOW_MANY])
     process = subprocess.Popen(
         cli_argv_without_torch(["chat", str(shapes_int4), "--image", str(IMAGE)]),
@@ -481,9 +488,9 @@ def test_sigint_while_it_waits_for_a_line_from_a_pipe_exits_130(shapes_int4, ref
         process.stdin.write(f"{HOW_MANY}\n")
         process.stdin.flush()
         assert process.stdout.readline() == f"{answer.text}\n"  # answered: it reads the next line now
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         assert process.wait(timeout=60) == 130
-        assert process.stderr.read().strip().splitlines()[-1] == "interrupted: mvlm-compile chat"
+        assert process.stderr.read().strip().splitlines()[-1] == message
     finally:
         if process.poll() is None:
             process.kill()
