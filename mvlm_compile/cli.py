@@ -8,10 +8,13 @@ Errors are click exceptions carrying their exit status (mvlm_compile.errors).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -544,16 +547,19 @@ def _backend_options(fn):
     return fn
 
 
+_prefix_cache_option = click.option(
+    "--prefix-cache-mib",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Memory (MiB) keeping finished answers' KV cache, so that a prompt starting the same way (a "
+    "conversation's next turn, the same system prompt and image) prefills only its new tokens "
+    "(default: one sequence at the full context; 0: no reuse).",
+)
+
+
 def _batching_options(fn):
     """--max-batch, --prefill-chunk and --prefix-cache-mib: the Session's scheduler (runtime/scheduler.py)."""
-    fn = click.option(
-        "--prefix-cache-mib",
-        type=click.FloatRange(min=0),
-        default=None,
-        help="Memory (MiB) keeping finished answers' KV cache, so that a prompt starting the same way (a "
-        "conversation's next turn, the same system prompt and image) prefills only its new tokens "
-        "(default: one sequence at the full context; 0: no reuse).",
-    )(fn)
+    fn = _prefix_cache_option(fn)
     fn = click.option(
         "--prefill-chunk",
         type=click.IntRange(min=1),
@@ -579,6 +585,14 @@ def _int4_activations_option(fn):
         show_default=True,
         help="ONNX Runtime's INT4 MatMul activations: int8 is ~2.5x faster at 1.7B; fp32 is what verify uses.",
     )(fn)
+
+
+def _sampling_options(fn):
+    """--temperature, --top-p, --seed and --stop: how each answer is sampled (run, chat)."""
+    fn = click.option("--stop", multiple=True, help="Stop string (repeatable); EOS always stops.")(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True)(fn)
+    fn = click.option("--top-p", type=float, default=1.0, show_default=True)(fn)
+    return click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")(fn)
 
 
 def _open_backend(
@@ -745,10 +759,7 @@ def evaluate(
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @_backend_options
 @_int4_activations_option
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--stop", multiple=True, help="Stop string (repeatable); EOS always stops.")
+@_sampling_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 def run(
     artifacts: Path,
@@ -782,6 +793,138 @@ def run(
             click.echo("")
         else:
             click.echo(session.generate(picture, prompt, **options).text)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--image",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The image the conversation is about (it goes in the first user turn); without one, text only "
+    "until /image FILE.",
+)
+@click.option("--system", default=None, help="A system prompt in place of the template's.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Per answer.")
+@_backend_options
+@_int4_activations_option
+@_sampling_options
+@_prefix_cache_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON line per turn on stdout (question, answer, token counts, finish reason, time to "
+    "first token) instead of the answers' text.",
+)
+def chat(
+    bundle: Path,
+    image: Path | None,
+    system: str | None,
+    max_new_tokens: int,
+    backend: str,
+    engines: Path | None,
+    threads: int,
+    plugin: Path | None,
+    int4_activations: str,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stop: tuple[str, ...],
+    prefix_cache_mib: float | None,
+    as_json: bool,
+) -> None:
+    """Hold a conversation at the terminal: each line a question about the image, its answer streamed.
+
+    Commands: /image FILE (a new conversation about FILE), /reset (forget the turns, keep the image),
+    /help, /exit (or Ctrl-D). Answers go to stdout and the rest to stderr, so that
+    `chat BUNDLE --image x.png < questions.txt > answers.txt` works. Ctrl-C stops an answer (its
+    text so far stays in the conversation); Ctrl-C at the prompt leaves (status 130). At a terminal
+    a bad line is reported and the conversation goes on; with lines from a file or a pipe the first
+    bad line exits with status 2."""
+    from mvlm_compile.chat_repl import ChatRepl
+    from mvlm_compile.model.preprocess import load_image
+    from mvlm_compile.runtime.pipeline import Sampling
+    from mvlm_compile.session import Session
+
+    Sampling(temperature, top_p, seed)  # bad options and a bad image fail before the model loads
+    picture = None if image is None else load_image(image)
+    interactive = sys.stdin.isatty()
+    options = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ("</s>",))
+    # One conversation: one KV-cache slot; the prefix cache keeps its turns between questions.
+    with (
+        Session(
+            bundle,
+            backend,
+            engines,
+            threads,
+            int4_activations,
+            plugin=plugin,
+            max_batch=1,
+            prefix_cache_mib=prefix_cache_mib,
+        ) as session,
+        _sigterm_leaves("mvlm-compile chat"),
+    ):
+        repl = ChatRepl(
+            session.conversation(picture, system),
+            _line_reader(interactive),
+            lambda text: click.echo(text, nl=False),
+            lambda text: click.echo(text, err=True),
+            interactive=interactive,
+            options=options,
+            as_json=as_json,
+        )
+        repl.banner(
+            f"mvlm-compile chat: {session.model_id} ({backend}, a context of {session.limits.context} tokens)",
+            None if image is None else str(image),
+        )
+        repl.run()
+
+
+def _line_reader(terminal: bool):
+    """stdin's lines (None at its end). At a terminal, after the prompt "> ": with line editing and
+    history (readline) when stdout is the terminal too, else on stderr, which keeps stdout the answers'."""
+    editing = terminal and sys.stdout.isatty()
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # Bytes that are not text in the locale's encoding reach the conversation, which refuses
+        # that line alone (one line of error), instead of failing the read of every line.
+        sys.stdin.reconfigure(errors="surrogateescape")
+    if editing:
+        try:
+            import readline  # noqa: F401  (gives input() line editing and history)
+        except ImportError:
+            pass
+
+    def read_line() -> str | None:
+        if editing:
+            try:
+                return input("> ")
+            except EOFError:
+                return None
+        if terminal:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n") if line else None
+
+    return read_line
+
+
+@contextlib.contextmanager
+def _sigterm_leaves(what: str):
+    """SIGTERM ends the command (exit 130), where Ctrl-C (main's handler raises KeyboardInterrupt for
+    both) only stops an answer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, frame: object) -> None:
+        raise Interrupted(f"{what} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @cli.command()

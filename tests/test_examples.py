@@ -42,6 +42,7 @@ def test_every_example_has_a_readme_and_a_test():
         "03_openai_client",
         "04_triton_grpc_stream",
         "05_ci_golden_gate",
+        "06_scripted_chat",
     ]
     index = (EXAMPLES / "README.md").read_text()
     for folder in folders:
@@ -120,6 +121,21 @@ def test_05_golden_gate_fails_on_golden_tensors_of_another_model(tmp_path):
     result = run_example(gate, bundle, tmp_path / "reports", env={"BACKEND": "ort", "GOLDEN": str(GOLDEN_SHAPES)})
     assert result.returncode in (1, 2), result.stdout + result.stderr
     assert "error:" in result.stderr or "FAILED" in result.stdout
+
+
+def test_06_scripted_chat(shapes_int4, tmp_path):
+    """The three answers are a Session conversation's, asked in turn (computed here, without prefix
+    reuse); the script prints them beside their questions."""
+    from mvlm_compile import Session
+
+    questions = ["Describe the image in one sentence.", "How many shapes are there?", "What shape is on the left?"]
+    with Session(shapes_int4, max_batch=1, prefix_cache_mib=0) as session:
+        conversation = session.conversation(image=IMAGE)
+        answers = [conversation.ask(question, max_tokens=64).text for question in questions]
+    result = run_example(EXAMPLES / "06_scripted_chat" / "chat.sh", shapes_int4, IMAGE, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "answers.txt").read_text().splitlines() == answers
+    assert result.stdout.splitlines() == [f"{q} -> {a}" for q, a in zip(questions, answers)]
 
 
 @pytest.mark.parametrize("job_file", ["github-actions.yml", "gitlab-ci.yml"])

@@ -52,6 +52,7 @@ def _arguments(rng: random.Random, artifacts: Path, golden: Path, paths: list[Pa
     commands = {
         "verify": [str(artifacts), "--golden", rng.choice([str(golden), _value(rng, paths)])],
         "run": [str(artifacts), "--image", rng.choice([image, _value(rng, paths)]), "--prompt", _value(rng, paths)],
+        "chat": [str(artifacts), "--image", rng.choice([image, _value(rng, paths)])],
         "bench": [str(artifacts), "--repeats", "1", "--warmup", "0", "--decode-steps", "1", "--prompt-tokens", "150"],
         "optimize": [str(artifacts)],
         "quantize": [str(artifacts), "--method", "rtn"],
@@ -64,6 +65,7 @@ def _arguments(rng: random.Random, artifacts: Path, golden: Path, paths: list[Pa
     args = commands[name]
     options = {
         "run": ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--stop"],
+        "chat": ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--stop", "--system", "--prefix-cache-mib"],
         "bench": ["--repeats", "--decode-steps", "--prompt-tokens", "--report"],
         "quantize": ["--group-size", "--keep", "--golden"],
         "build": ["--context", "--batch", "--recipe"],
@@ -73,6 +75,16 @@ def _arguments(rng: random.Random, artifacts: Path, golden: Path, paths: list[Pa
     for option in rng.sample(options, k=rng.randrange(len(options) + 1)):
         args += [option, _value(rng, paths)]
     return [name, *args]
+
+
+def _chat_lines(rng: random.Random, paths: list[Path]) -> str:
+    """What a script might feed `chat`: questions, commands, and bad ones."""
+    commands = ["/reset", "/help", "/exit", "/frob", "/image", "/reset now"]
+    lines = [
+        rng.choice([_value(rng, paths), f"/image {_value(rng, paths)}", rng.choice(commands)])
+        for _ in range(rng.randrange(4))
+    ]
+    return "".join(f"{line}\n" for line in lines)
 
 
 def test_random_bad_inputs_end_in_a_documented_status(tiny_artifacts, tmp_path, monkeypatch):
@@ -94,8 +106,9 @@ def test_random_bad_inputs_end_in_a_documented_status(tiny_artifacts, tmp_path, 
         artifacts = shutil.copytree(tiny_artifacts, work)
         damage = _corrupt(rng, artifacts) if rng.random() < 0.7 else "none"
         args = _arguments(rng, artifacts, golden, paths)
-        result = CliRunner().invoke(cli, args)
-        context = f"seed {seed}, run {runs}: damage {damage}, args {args}\n{result.output[-1500:]}"
+        stdin = _chat_lines(rng, paths) if args[0] == "chat" else None
+        result = CliRunner().invoke(cli, args, input=stdin)
+        context = f"seed {seed}, run {runs}: damage {damage}, args {args}, stdin {stdin!r}\n{result.output[-1500:]}"
         assert result.exit_code in ALLOWED, context
         assert "Traceback" not in result.output, context
         if result.exception is not None:

@@ -37,7 +37,7 @@ LAYERS = [
     ("stages", ["export", "surgery", "quantize", "engine", "verify"]),
     ("bundle", ["bundle"]),
     ("api", ["session"]),
-    ("serving", ["serve", "triton"]),
+    ("serving", ["serve", "triton", "chat_repl"]),  # the front ends over the Session (chat_repl: `chat`'s loop)
     ("cli", ["cli"]),
 ]
 SIBLINGS = {"stages", "serving"}
