@@ -37,8 +37,6 @@ COMMANDS = (
     "/image FILE (a new conversation about FILE), /reset (forget the turns, keep the image), /help, "
     "/exit (or Ctrl-D); Ctrl-C stops an answer"
 )
-# How often a stopped answer is looked at until the scheduler has ended it (the next step boundary).
-_STOP_POLL_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -165,7 +163,7 @@ class ChatRepl:
                 stopped = True
         if stopped:
             stream.cancel()
-            _wait_until_finished(stream.generation)  # a second Ctrl-C here goes on to the caller
+            stream.wait()  # the next step boundary; a second Ctrl-C here goes on to the caller
         generation = stream.generation
         turn = Turn(
             question,
@@ -194,13 +192,6 @@ def _unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
     return text
-
-
-def _wait_until_finished(generation: Any) -> None:
-    """Until the scheduler has ended a cancelled answer (the next step boundary). Its stream cannot
-    be read to the end for this: a KeyboardInterrupt raised inside the stream's generator ends it."""
-    while generation.finish_reason is None:
-        time.sleep(_STOP_POLL_SECONDS)
 
 
 @contextlib.contextmanager

@@ -97,6 +97,12 @@ class TextStream:
     def cancel(self) -> None:
         self._scheduler.cancel(self._request)
 
+    def wait(self, timeout: float | None = None) -> Generation:
+        """The generation once it has ended (read or not; after `cancel`, at the next step boundary),
+        or as it stands when `timeout` seconds pass first."""
+        self._request.ended.wait(timeout)
+        return self.generation
+
     def close(self) -> None:
         self.cancel()
 

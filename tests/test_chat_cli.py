@@ -286,6 +286,12 @@ class CtrlCStream:
         self.stream.cancel()
         self.on_cancel()
 
+    def wait(self, timeout=None):
+        """The real wait, held while the generation shows unfinished (a stop not in effect yet)."""
+        while self.generation.finish_reason is None:
+            time.sleep(0.005)
+        return self.stream.wait(timeout)
+
 
 class CtrlCConversation:
     """A conversation whose first streamed answer is interrupted (CtrlCStream, its generation

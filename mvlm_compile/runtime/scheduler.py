@@ -71,6 +71,7 @@ class Request:
     prefilled: int = 0  # prompt tokens in the cache
     token: int | None = None  # the last token, fed at the next decode step
     sampled: list[int] = field(default_factory=list)  # every token drawn, EOS included
+    ended: threading.Event = field(default_factory=threading.Event)  # set once its last piece is out
     rng: np.random.Generator = field(init=False)
     _pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
@@ -94,6 +95,7 @@ class Request:
         if error is not None:
             self._pieces.put(error)
         self._pieces.put(_END)
+        self.ended.set()
 
     def _accept(self, logits: np.ndarray) -> None:
         """The next token from this row's logits: its text piece to the reader, or the end."""
