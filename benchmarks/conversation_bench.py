@@ -81,6 +81,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--int4-activations", choices=["int8", "fp32"], default="int8")
     args = parser.parse_args()
     args.report.parent.mkdir(parents=True, exist_ok=True)
 
@@ -91,11 +92,18 @@ def main() -> int:
     report: dict = {
         "model": manifest["model"].get("recipe"),
         "host": {"cores": len(os.sched_getaffinity(0)), "cpu": platform.processor(), "load": os.getloadavg()},
-        "settings": {"questions": QUESTIONS, "max_tokens": args.max_tokens, "repeats": args.repeats},
+        "settings": {
+            "questions": QUESTIONS,
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+            "int4_activations": args.int4_activations,
+        },
     }
     modes = {}
     for mode, mib in (("with reuse", None), ("without reuse", 0)):
-        with Session(args.bundle, threads=args.threads, max_batch=1, prefix_cache_mib=mib) as session:
+        with Session(
+            args.bundle, threads=args.threads, int4_activations=args.int4_activations, max_batch=1, prefix_cache_mib=mib
+        ) as session:
             session.generate(picture(999), "Hi", max_tokens=1)  # warm-up: the sessions' first runs
             modes[mode] = conversations(session, args.repeats, args.max_tokens, offset=0)
             if mib is None:
