@@ -782,8 +782,10 @@ def run(
     from mvlm_compile.session import Session
 
     picture = load_image(image)  # before the model loads: a bad file fails fast
-    # One question: one KV-cache slot.
-    with Session(artifacts, backend, engines, threads, int4_activations, plugin=plugin, max_batch=1) as session:
+    # One question: one KV-cache slot, and nothing to keep for a turn after it.
+    with Session(
+        artifacts, backend, engines, threads, int4_activations, plugin=plugin, max_batch=1, prefix_cache_mib=0
+    ) as session:
         options = dict(
             max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ("</s>",)
         )
