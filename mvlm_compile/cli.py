@@ -587,6 +587,13 @@ def _int4_activations_option(fn):
     )(fn)
 
 
+def _answer_options(
+    max_new_tokens: int, temperature: float, top_p: float, seed: int, stop: tuple[str, ...]
+) -> dict[str, Any]:
+    """The sampling options' values as Session.generate and Conversation.ask take them (no --stop: EOS text)."""
+    return dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ("</s>",))
+
+
 def _sampling_options(fn):
     """--temperature, --top-p, --seed and --stop: how each answer is sampled (run, chat)."""
     fn = click.option("--stop", multiple=True, help="Stop string (repeatable); EOS always stops.")(fn)
@@ -786,9 +793,7 @@ def run(
     with Session(
         artifacts, backend, engines, threads, int4_activations, plugin=plugin, max_batch=1, prefix_cache_mib=0
     ) as session:
-        options = dict(
-            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ("</s>",)
-        )
+        options = _answer_options(max_new_tokens, temperature, top_p, seed, stop)
         if stream:
             for piece in session.generate(picture, prompt, stream=True, **options):
                 click.echo(piece, nl=False)
@@ -852,7 +857,7 @@ def chat(
     Sampling(temperature, top_p, seed)  # bad options and a bad image fail before the model loads
     picture = None if image is None else load_image(image)
     interactive = sys.stdin.isatty()
-    options = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ("</s>",))
+    options = _answer_options(max_new_tokens, temperature, top_p, seed, stop)
     # One conversation: one KV-cache slot; the prefix cache keeps its turns between questions.
     with (
         Session(

@@ -143,6 +143,7 @@ class Session:
 
         if image_cache_size < 0:
             raise MvlmError(f"image_cache_size {image_cache_size}: expected 0 (no cache) or more")
+        check_prefix_cache_mib(prefix_cache_mib)
         self._resources = contextlib.ExitStack()
         self.backend = self._resources.enter_context(
             open_bundle_backend(
@@ -169,9 +170,9 @@ class Session:
                 pipeline.embed,
                 prefill_chunk,
                 self.backend.limits.prefill_after_past,
-                prefix_cache_bytes(
-                    prefix_cache_mib, decoder.plan.context * decoder.plan.layers * 2 * decoder.plan.slot_bytes
-                ),
+                decoder.plan.sequence_bytes(decoder.plan.context)
+                if prefix_cache_mib is None
+                else int(prefix_cache_mib * 2**20),
             )
             self._chat = Chat(pipeline, chunked_prefill=self._scheduler.prefill_chunk is not None)
         except BaseException:
@@ -336,13 +337,10 @@ class Session:
         self.close()
 
 
-def prefix_cache_bytes(mib: float | None, one_sequence: int) -> int:
-    """The prefix cache's budget: `mib` MiB, or one sequence's K/V at the full context when None."""
-    if mib is None:
-        return one_sequence
-    if isinstance(mib, bool) or not isinstance(mib, int | float) or not 0 <= mib < 2**40:
+def check_prefix_cache_mib(mib: float | None) -> None:
+    """None (the default: one sequence at the full context) or 0 MiB (no prefix reuse) or more."""
+    if mib is not None and (isinstance(mib, bool) or not isinstance(mib, int | float) or not 0 <= mib < 2**40):
         raise MvlmError(f"--prefix-cache-mib {mib}: expected 0 (no prefix reuse) or more MiB")
-    return int(mib * 2**20)
 
 
 def _dialogue(prompt: str | Sequence[Mapping[str, str]], image: bool) -> str | Dialogue:

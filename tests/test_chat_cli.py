@@ -247,6 +247,14 @@ class StepGate:
         self.armed = False
         self.released.set()
 
+    def run(self, loop) -> None:
+        """`loop.run()` with the scheduler held after each decode step until released (never left held)."""
+        self.arm()
+        try:
+            loop.run()
+        finally:
+            self.release()
+
 
 @pytest.fixture(scope="module")
 def gate(session) -> StepGate:
@@ -410,11 +418,7 @@ def test_ctrl_c_during_an_answer_stops_it_and_the_conversation_goes_on(session, 
     (full,) = answers(reference, IMAGE, [DESCRIBE])
     conversation = CtrlCConversation(session.conversation(image=IMAGE), on_cancel=gate.release)
     loop, out, notes = repl(conversation, [DESCRIBE, HOW_MANY])
-    gate.arm()
-    try:
-        loop.run()
-    finally:
-        gate.release()
+    gate.run(loop)
     stopped, after = loop.turns
     assert stopped.finish_reason == "cancelled" and after.finish_reason == "stop"
     assert stopped.answer and full.text.startswith(stopped.answer) and stopped.answer != full.text
@@ -452,11 +456,7 @@ def test_ctrl_c_while_the_question_is_submitted_stops_its_answer(session, refere
     (full,) = answers(reference, IMAGE, [DESCRIBE])
     conversation = CtrlCConversation(session.conversation(image=IMAGE), on_cancel=gate.release, while_asking=True)
     loop, out, notes = repl(conversation, [DESCRIBE, HOW_MANY])
-    gate.arm()
-    try:
-        loop.run()
-    finally:
-        gate.release()
+    gate.run(loop)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     stopped, after = loop.turns
     assert stopped.finish_reason == "cancelled" and full.text.startswith(stopped.answer)

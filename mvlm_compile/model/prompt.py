@@ -32,7 +32,7 @@ SEP, SEP2 = " ", "</s>"
 
 def build_prompt(question: str) -> str:
     """'v1' template for one user turn with an image, ready for the assistant's answer."""
-    return SEP2.join(conversation_segments(SYSTEM_V1, [Turn("user", question)], image=True))
+    return Dialogue.question(question).text
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class Dialogue:
     image: bool = True
 
     @classmethod
+    def question(cls, text: str, system: str = SYSTEM_V1, image: bool = True) -> Dialogue:
+        """One user turn (about the image, unless `image` is False)."""
+        return cls((Turn("user", text),), system, image)
+
+    @classmethod
     def from_messages(cls, messages: Sequence[Mapping[str, str]], image: bool) -> Dialogue:
         """OpenAI-style messages ({"role", "content"}; an optional system message first, then user
         and assistant turns in turn ending with the user's) checked; errors name messages[i]."""
@@ -62,16 +67,16 @@ class Dialogue:
             if role in ("system", "developer"):
                 if i:
                     raise MvlmError(
-                        f"messages[{i}]: {_a(role)} message after the conversation started; expected it first "
+                        f"messages[{i}]: {article(role)} message after the conversation started; expected it first "
                         "(it replaces the template's system prompt)"
                     )
                 system = content
                 continue
             expected = "user" if not turns or turns[-1].role == "assistant" else "assistant"
             if role != expected:
-                after = f"after {_a(turns[-1].role)} turn" if turns else "first"
+                after = f"after {article(turns[-1].role)} turn" if turns else "first"
                 raise MvlmError(
-                    f"messages[{i}]: {_a(role)} turn {after}; expected user and assistant turns in turn, "
+                    f"messages[{i}]: {article(role)} turn {after}; expected user and assistant turns in turn, "
                     "starting with the user"
                 )
             if not content.strip():
@@ -96,8 +101,9 @@ class Dialogue:
         return SEP2.join(self.segments)
 
 
-def _a(role: str) -> str:
-    return f"an {role}" if role == "assistant" else f"a {role}"  # a user, a system, a developer
+def article(role: str) -> str:
+    """A role with its article, for messages: a user, an assistant, a system, a developer."""
+    return f"an {role}" if role == "assistant" else f"a {role}"
 
 
 def _role_and_content(message: object, i: int) -> tuple[str, str]:

@@ -174,6 +174,10 @@ class DecoderPlan:
         """One token's keys (or values) of one layer, one sequence."""
         return self.kv_heads * self.head_dim * self.kv_dtype.itemsize
 
+    def sequence_bytes(self, tokens: int) -> int:
+        """`tokens` positions of one sequence's keys and values, every layer (what a slot holds of it)."""
+        return 2 * self.layers * tokens * self.slot_bytes
+
     @property
     def row_bytes(self) -> int:
         """One position's keys (or values) of one layer, all slots."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from mvlm_compile import contract
 from mvlm_compile.errors import ArtifactError, MvlmError
-from mvlm_compile.model.prompt import SYSTEM_V1, Dialogue, Turn, tokenize_conversation
+from mvlm_compile.model.prompt import SYSTEM_V1, Dialogue, tokenize_conversation
 from mvlm_compile.runtime.backend import Backend
 
 
@@ -177,7 +177,7 @@ class AnswerText:
 def check_question(question: str) -> None:
     """A user's one question (`--prompt`): the checks of a conversation's user turn, named for the option."""
     try:
-        Dialogue.from_messages([{"role": "user", "content": question}], image=True)
+        Dialogue.from_messages([{"role": "user", "content": question}], image=True)  # the turn's checks
     except MvlmError as e:
         raise MvlmError(str(e).replace("messages[0].content", "--prompt", 1)) from None
 
@@ -209,14 +209,13 @@ class PromptTokenizer:
 
     def encode_after_eos(self, segment: str) -> list[int]:
         """Ids of a template segment that follows an EOS, without that EOS."""
-        if any(special in segment for special in self.special_texts):
-            # The user's text holds special-token text, which stays text: no recognizing encoding
-            # exists for it; the segment is encoded on its own.
-            return self.literal.encode(segment, add_special_tokens=False).ids
-        ids = self.recognizing.encode(self.eos_text + segment, add_special_tokens=False).ids
-        if ids[:1] != [self.eos]:  # the EOS is no special token of this tokenizer: no text follows one
-            return self.literal.encode(segment, add_special_tokens=False).ids
-        return ids[1:]
+        # The segment on its own when the user's text holds special-token text (which stays text, so
+        # no recognizing encoding exists for it) or when the EOS is no special token of this tokenizer.
+        if not any(special in segment for special in self.special_texts):
+            ids = self.recognizing.encode(self.eos_text + segment, add_special_tokens=False).ids
+            if ids[:1] == [self.eos]:
+                return ids[1:]
+        return self.literal.encode(segment, add_special_tokens=False).ids
 
     def ids(self, conversation: Dialogue) -> list[int]:
         return tokenize_conversation(conversation, self.encode, self.encode_after_eos, self.bos, self.eos)
@@ -247,15 +246,14 @@ class Chat:
         # slack per text cover merges across its two ends. Checked before tokenizing, so the work a
         # request costs is bounded by the context, not by its length.
         self._chars_per_token = max(len(token) for token in self.tokenizer.get_vocab(with_added_tokens=True))
-        empty = (Turn("user", ""),)
         self._template_tokens = {  # (image, the template's own system prompt): tokens of one empty turn
             (image, own_system): self.prompt_tokens(
-                self.prompt_ids(Dialogue(empty, SYSTEM_V1 if own_system else "", image))
+                self.prompt_ids(Dialogue.question("", SYSTEM_V1 if own_system else "", image))
             )
             for image in (True, False)
             for own_system in (True, False)
         }
-        self.max_question_chars = self._max_chars(Dialogue(empty))
+        self.max_question_chars = self._max_chars(Dialogue.question(""))
 
     def _max_chars(self, conversation: Dialogue) -> int:
         own_system = conversation.system == SYSTEM_V1
@@ -267,7 +265,7 @@ class Chat:
         """The prompt's ids as the authors' template and tokenizer make them (a question: one user turn
         about the image), the image token once where the image goes."""
         if isinstance(conversation, str):
-            conversation = Dialogue((Turn("user", conversation),))
+            conversation = Dialogue.question(conversation)
         return self.prompt_tokenizer.ids(conversation)
 
     def prompt_tokens(self, prompt_ids: Sequence[int]) -> int:
@@ -279,10 +277,11 @@ class Chat:
         """A request checked against the options' ranges and the backend's limits before any graph runs.
         A str is one question about the image (`--prompt`). `max_new_tokens` None: as many as the
         context leaves (at least 1). The conversation is tokenized once."""
-        option = "--prompt" if isinstance(conversation, str) else "messages"
+        option = "messages"
         if isinstance(conversation, str):
+            option = "--prompt"
             check_question(conversation)
-            conversation = Dialogue((Turn("user", conversation),))
+            conversation = Dialogue.question(conversation)
         chars = len(conversation.system) * (conversation.system != SYSTEM_V1) + sum(
             len(turn.text) for turn in conversation.turns
         )

@@ -81,7 +81,7 @@ class PrefixCache:
     def __init__(self, loop: DecoderLoop, budget_bytes: int, page_tokens: int = PAGE_TOKENS) -> None:
         plan = loop.plan
         self.loop, self.page_tokens = loop, page_tokens
-        self.page_bytes = 2 * plan.layers * page_tokens * plan.slot_bytes
+        self.page_bytes = plan.sequence_bytes(page_tokens)
         self.capacity = max(0, budget_bytes) // self.page_bytes
         self.base = loop.executor.allocate(self.capacity * self.page_bytes) if self.capacity else 0
         self._free = list(range(self.capacity - 1, -1, -1))

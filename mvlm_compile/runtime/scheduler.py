@@ -41,7 +41,7 @@ import numpy as np
 from mvlm_compile.errors import MvlmError
 from mvlm_compile.runtime.kv_cache import DecoderLoop
 from mvlm_compile.runtime.pipeline import AnswerText, Generation, Sampling, next_token
-from mvlm_compile.runtime.prefix_cache import PositionKey, PrefixCache
+from mvlm_compile.runtime.prefix_cache import PAGE_TOKENS, PositionKey, PrefixCache
 
 DEFAULT_PREFILL_CHUNK = 128
 _END = object()
@@ -70,7 +70,6 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     prefilled: int = 0  # prompt tokens in the cache
     token: int | None = None  # the last token, fed at the next decode step
-    sampled: list[int] = field(default_factory=list)  # every token drawn, EOS included
     ended: threading.Event = field(default_factory=threading.Event)  # set once its last piece is out
     rng: np.random.Generator = field(init=False)
     _pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -103,7 +102,6 @@ class Request:
             self.generation.finish_reason = "cancelled"
             return
         self.token = next_token(logits, self.sampling, self.rng)
-        self.sampled.append(self.token)
         piece = self.text.add(self.token)
         if piece:
             self._pieces.put(piece)
@@ -130,11 +128,8 @@ class BatchScheduler:
         self.decoder, self.embed = decoder, embed
         self.slots = decoder.plan.slots
         self.prefill_chunk = prefill_chunk if chunk_after_past and decoder.plan.chunked_prefill else None
-        self.prefix_cache = (
-            PrefixCache(decoder, prefix_cache_bytes) if self.prefill_chunk is not None and prefix_cache_bytes else None
-        )
-        if self.prefix_cache is not None and not self.prefix_cache.capacity:
-            self.prefix_cache = None
+        reuse = self.prefill_chunk is not None and prefix_cache_bytes >= decoder.plan.sequence_bytes(PAGE_TOKENS)
+        self.prefix_cache = PrefixCache(decoder, prefix_cache_bytes) if reuse else None  # None: not one page
         self.listeners: list[Callable[[StepInfo], None]] = []
         self._rows: list[Request] = []  # slot i holds _rows[i]: decoding ones first, then the one prefilling
         self._waiting: collections.deque[Request] = collections.deque()
@@ -252,7 +247,8 @@ class BatchScheduler:
         the last decoding sequence moves into the hole, and the prefilling one (if any) down by one."""
         request = self._rows[slot]
         if self.prefix_cache is not None and request.keys is not None:
-            self.prefix_cache.store(slot, request.keys + request.sampled)
+            # The answer's tokens but EOS (never fed: it is drawn last) are the positions after the prompt.
+            self.prefix_cache.store(slot, request.keys + request.text.tokens)
         prefilling = self._prefilling()
         decoding = self._decoding()
         if request is prefilling:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from mvlm_compile.errors import MvlmError
-from mvlm_compile.model.prompt import Dialogue
+from mvlm_compile.model.prompt import Dialogue, article
 from mvlm_compile.serve.errors import APIError, field_of
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -192,7 +192,7 @@ def the_conversation(request: ChatCompletionRequest) -> Conversation:
         where = f"messages[{i}].content[{j}]"
         if i != first_user:
             role = messages[i]["role"]
-            turn = "a later user turn" if role == "user" else f"{'an' if role == 'assistant' else 'a'} {role} message"
+            turn = "a later user turn" if role == "user" else f"{article(role)} message"
             raise APIError(
                 400,
                 f"{where}: an image in {turn}; expected the image in the first user turn (messages[{first_user}]), "
